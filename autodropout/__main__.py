@@ -1,0 +1,5 @@
+import sys
+
+from autodropout.cli import main
+
+sys.exit(main())
