@@ -7,7 +7,8 @@ the code that needs them.
 
 from .layers import *  # noqa: F403
 from .layers import __all__ as _layer_names
+from .patterns import Pattern, PatternError
 
 __version__ = "0.1.0"
 
-__all__ = [*_layer_names, "__version__"]
+__all__ = [*_layer_names, "Pattern", "PatternError", "__version__"]

@@ -1,0 +1,141 @@
+"""The decisions a pattern site is made of, with their types and legal ranges.
+
+One table serves both the :class:`~autodropout.patterns.Pattern` loader and the search-space
+loader, so a value a space may offer is exactly a value a pattern may hold.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+from autodropout.errors import BadInput
+
+CONV = "conv"
+SEQUENCE = "sequence"
+KINDS = (CONV, SEQUENCE)
+
+FILL = "fill"
+"""``repeat: fill`` tiles until the whole axis is covered."""
+
+SEQUENCE_AXES = ("tokens", "features", "both")
+SUBLAYERS = ("embedding", "attention_probs", "attention_output", "ffn_hidden", "ffn_output")
+
+
+class PatternError(BadInput):
+    """A pattern (or a space value) that is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One decision of a site: its name, type and legal range.
+
+    ``type`` is one of ``int``, ``number``, ``bool``, ``choice``, ``repeat`` (a positive int
+    or ``"fill"``) and ``subset`` (a non-empty list drawn from ``choices``).
+    """
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+
+    def check(self, value: Any, where: str) -> Any:
+        """Return ``value`` in canonical form or raise :class:`PatternError` naming ``where``."""
+        checker = getattr(self, f"_check_{self.type}")
+        return checker(value, f"{where}{self.name}")
+
+    def _check_int(self, value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise PatternError(f"{where}: must be an integer, got {value!r}")
+        self._check_range(int(value), where)
+        return int(value)
+
+    def _check_number(self, value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise PatternError(f"{where}: must be a finite number, got {value!r}")
+        self._check_range(float(value), where)
+        return float(value) + 0.0  # folds -0.0 into 0.0 so equal patterns hash equally
+
+    def _check_bool(self, value: Any, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise PatternError(f"{where}: must be true or false, got {value!r}")
+        return value
+
+    def _check_choice(self, value: Any, where: str) -> str:
+        if value not in self.choices or not isinstance(value, str):
+            raise PatternError(f"{where}: must be one of {', '.join(self.choices)}; got {value!r}")
+        return value
+
+    def _check_repeat(self, value: Any, where: str) -> int | str:
+        if value == FILL and isinstance(value, str):
+            return FILL
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise PatternError(f"{where}: must be a positive integer or 'fill', got {value!r}")
+        return int(value)
+
+    def _check_subset(self, value: Any, where: str) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+            raise PatternError(f"{where}: must be a non-empty list of {', '.join(self.choices)}")
+        for item in value:
+            if item not in self.choices:
+                raise PatternError(
+                    f"{where}: {item!r} is not one of {', '.join(self.choices)}"
+                )
+        if len(set(value)) != len(value):
+            raise PatternError(f"{where}: lists {value!r} with duplicates")
+        return tuple(sorted(value, key=self.choices.index))
+
+    def _check_range(self, value: float, where: str) -> None:
+        if self.low is not None and value < self.low:
+            raise PatternError(f"{where}: must be >= {self.low:g}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise PatternError(f"{where}: must be <= {self.high:g}, got {value!r}")
+
+
+CONV_FIELDS: tuple[Field, ...] = (
+    Field("size_h", "int", low=1, doc="height of the dropped rectangle, in pixels"),
+    Field("size_w", "int", low=1, doc="width of the dropped rectangle, in pixels"),
+    Field("stride", "int", low=1, doc="distance between the origins of neighbouring tiles"),
+    Field("repeat", "repeat", doc="tiles per axis, or 'fill' to tile the whole map"),
+    Field("rotate", "number", low=-180, high=180, doc="rotation about the map centre, degrees"),
+    Field("shear_x", "number", low=-1, high=1, doc="horizontal shear factor about the centre"),
+    Field("shear_y", "number", low=-1, high=1, doc="vertical shear factor about the centre"),
+    Field("share_c", "bool", doc="one mask for all channels (true) or one per channel"),
+    Field("residual", "bool", doc="also apply the mask to the residual (shortcut) branch"),
+)
+
+SEQUENCE_FIELDS: tuple[Field, ...] = (
+    Field("size", "int", low=1, doc="length of a dropped span (tokens or features)"),
+    Field("stride", "int", low=1, doc="distance between the starts of neighbouring spans"),
+    Field("repeat", "repeat", doc="spans per sequence, or 'fill' to tile the whole axis"),
+    Field("axis", "choice", choices=SEQUENCE_AXES, doc="which axis the spans run along"),
+    Field("share", "bool", doc="one mask shared across heads/features (true) or one each"),
+    Field("apply_to", "subset", choices=SUBLAYERS, doc="the Transformer sub-layers it acts on"),
+)
+
+SITE_FIELDS: dict[str, tuple[Field, ...]] = {CONV: CONV_FIELDS, SEQUENCE: SEQUENCE_FIELDS}
+
+
+def check_kind(kind: Any, where: str = "kind") -> str:
+    if kind not in KINDS or not isinstance(kind, str):
+        raise PatternError(f"{where}: must be one of {', '.join(KINDS)}; got {kind!r}")
+    return kind
+
+
+def check_site(kind: str, raw: Any, where: str) -> dict[str, Any]:
+    """Validate one site's parameter mapping and return it in canonical form."""
+    if not isinstance(raw, dict):
+        raise PatternError(f"{where}: must be a mapping of site parameters, got {raw!r}")
+    fields = SITE_FIELDS[kind]
+    names = {field.name for field in fields}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise PatternError(f"{where}.{unknown[0]}: unknown field for a {kind} site")
+    missing = [field.name for field in fields if field.name not in raw]
+    if missing:
+        raise PatternError(f"{where}.{missing[0]}: missing")
+    return {field.name: field.check(raw[field.name], f"{where}.") for field in fields}
