@@ -1,0 +1,239 @@
+"""Load and validate search-space YAML files; every error names the file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autodropout.errors import BadInput
+from autodropout.patterns.fields import SITE_FIELDS, PatternError, check_kind
+
+from .space import SearchSpace, SiteSpec
+
+SPACES_DIR = Path(__file__).resolve().parent
+
+TOP_LEVEL_KEYS = ("name", "kind", "description", "sites", "decisions", "budget", "controller")
+SITE_KEYS = ("name", "modules", "decisions")
+
+# key: (type, low, high). Types: int, number (low <= x <= high), positive (x > 0), str,
+# choice:<a|b>.
+BUDGET_KEYS: dict[str, tuple[str, float | None, float | None]] = {
+    "model": ("str", None, None),
+    "dataset": ("str", None, None),
+    "epochs": ("int", 1, None),
+    "train_examples": ("int", 1, None),
+    "validation_examples": ("int", 1, None),
+    "batch_size": ("int", 1, None),
+    "lr": ("positive", None, None),
+    "weight_decay": ("number", 0, None),
+    "context": ("int", 2, None),
+}
+CONTROLLER_KEYS: dict[str, tuple[str, float | None, float | None]] = {
+    "architecture": ("choice:transformer|lstm", None, None),
+    "hidden_size": ("int", 8, None),
+    "layers": ("int", 1, None),
+    "heads": ("int", 1, None),
+    "lr": ("positive", None, None),
+    "entropy_weight": ("number", 0, None),
+    "baseline_decay": ("number", 0, 1),
+    "grad_clip": ("positive", None, None),
+    "importance_clip": ("positive", None, None),
+    "update_every": ("int", 1, None),
+    "reward": ("choice:accuracy|perplexity", None, None),
+}
+
+
+class SpaceError(BadInput):
+    """A malformed search-space file; the message is ``file:line: key: problem``."""
+
+
+def available() -> list[str]:
+    """Names of the spaces shipped with the package."""
+    return sorted(path.stem for path in SPACES_DIR.glob("*.yaml"))
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The file behind a shipped space name or a path to a user's YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix.lower() in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise SpaceError(f"{candidate}: no such search-space file")
+        return candidate
+    shipped = SPACES_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise SpaceError(
+            f"unknown search space {str(name_or_path)!r}; shipped spaces: {', '.join(available())}"
+            " (or pass a path to a .yaml file)"
+        )
+    return shipped
+
+
+def load(name_or_path: str | Path) -> SearchSpace:
+    """Load a shipped space by name (``convnet``, ``transformer``, ``tiny``) or a YAML path."""
+    path = resolve(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpaceError(f"{path}: cannot read ({error.strerror})") from None
+    return parse(text, source=str(path))
+
+
+def parse(text: str, source: str = "<string>") -> SearchSpace:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpaceError(f"{source}:{line}: invalid YAML ({problem})") from None
+    return _Parser(source).space(root, text)
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, node: yaml.Node | None, key: str, problem: str) -> SpaceError:
+        line = node.start_mark.line + 1 if node is not None else 1
+        return SpaceError(f"{self.source}:{line}: {key}: {problem}")
+
+    def mapping(self, node: yaml.Node | None, key: str, allowed: tuple[str, ...] | None) -> dict:
+        """A mapping node as {key: (key_node, value_node)}, refusing duplicates/unknown keys."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, key, "must be a mapping")
+        entries: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            name = self.value(key_node)
+            path = f"{key}.{name}" if key else str(name)
+            if not isinstance(name, str):
+                raise self.fail(key_node, path, "keys must be strings")
+            if name in entries:
+                raise self.fail(key_node, path, "duplicate key")
+            if allowed is not None and name not in allowed:
+                raise self.fail(key_node, path, f"unknown key (allowed: {', '.join(allowed)})")
+            entries[name] = (key_node, value_node)
+        return entries
+
+    def value(self, node: yaml.Node) -> Any:
+        return yaml.SafeLoader("").construct_object(node, deep=True)
+
+    def space(self, root: yaml.Node | None, text: str) -> SearchSpace:
+        if root is None:
+            raise self.fail(None, "(file)", "is empty")
+        top = self.mapping(root, "", TOP_LEVEL_KEYS)
+        for required in ("name", "kind", "sites", "decisions"):
+            if required not in top:
+                raise self.fail(root, required, "missing")
+        name = self.string(top["name"][1], "name")
+        kind_node = top["kind"][1]
+        try:
+            kind = check_kind(self.value(kind_node))
+        except PatternError as error:
+            raise self.fail(kind_node, "kind", str(error).split(": ", 1)[1]) from None
+        key_node, value_node = top["decisions"]
+        defaults = self.decisions(value_node, "decisions", kind, complete_at=key_node)
+        sites = self.sites(top["sites"][1], kind, defaults)
+        return SearchSpace(
+            name=name,
+            kind=kind,
+            sites=sites,
+            budget=self.settings(top.get("budget"), "budget", BUDGET_KEYS),
+            controller=self.settings(top.get("controller"), "controller", CONTROLLER_KEYS),
+            description=self.string(top["description"][1], "description") if "description" in top else "",
+            source=self.source,
+            yaml_text=text,
+        )
+
+    def string(self, node: yaml.Node, key: str) -> str:
+        value = self.value(node)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(node, key, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def decisions(self, node: yaml.Node, key: str, kind: str, complete_at=None) -> dict:
+        """Choices per field; with ``complete_at`` (the key node), every field is required."""
+        names = tuple(f.name for f in SITE_FIELDS[kind])
+        entries = self.mapping(node, key, names)
+        missing = [name for name in names if name not in entries]
+        if complete_at is not None and missing:
+            raise self.fail(complete_at, f"{key}.{missing[0]}", "missing (every decision needs choices)")
+        fields = {f.name: f for f in SITE_FIELDS[kind]}
+        return {
+            name: self.choices(value_node, f"{key}.{name}", fields[name])
+            for name, (_, value_node) in entries.items()
+        }
+
+    def choices(self, node: yaml.Node, key: str, field) -> tuple:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, key, "must be a list of choices")
+        if not node.value:
+            raise self.fail(node, key, "has no choices")
+        checked = []
+        for item in node.value:
+            try:
+                value = field.check(self.value(item), "")
+            except PatternError as error:
+                raise self.fail(item, key, str(error).split(": ", 1)[1]) from None
+            if value in checked:
+                raise self.fail(item, key, f"duplicate choice {self.value(item)!r}")
+            checked.append(value)
+        return tuple(checked)
+
+    def sites(self, node: yaml.Node, kind: str, defaults: dict) -> tuple[SiteSpec, ...]:
+        if isinstance(node, yaml.ScalarNode):
+            count = self.value(node)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise self.fail(node, "sites", f"must be a positive integer or a list, got {count!r}")
+            return tuple(SiteSpec(f"site{i}", dict(defaults)) for i in range(count))
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.fail(node, "sites", "must be a positive integer or a non-empty list of sites")
+        specs = []
+        for index, site_node in enumerate(node.value):
+            key = f"sites[{index}]"
+            entries = self.mapping(site_node, key, SITE_KEYS)
+            overrides = (
+                self.decisions(entries["decisions"][1], f"{key}.decisions", kind)
+                if "decisions" in entries
+                else {}
+            )
+            name = self.string(entries["name"][1], f"{key}.name") if "name" in entries else f"site{index}"
+            modules = self.string(entries["modules"][1], f"{key}.modules") if "modules" in entries else None
+            specs.append(SiteSpec(name, {**defaults, **overrides}, modules))
+        names = [spec.name for spec in specs]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise self.fail(node, "sites", f"duplicate site name {duplicate!r}")
+        return tuple(specs)
+
+    def settings(self, entry: tuple | None, key: str, schema: dict) -> dict:
+        if entry is None:
+            return {}
+        node = entry[1]
+        result = {}
+        for name, (_, value_node) in self.mapping(node, key, tuple(schema)).items():
+            kind, low, high = schema[name]
+            result[name] = self.setting(value_node, f"{key}.{name}", kind, low, high)
+        return result
+
+    def setting(self, node: yaml.Node, key: str, kind: str, low, high) -> Any:
+        value = self.value(node)
+        if kind == "str":
+            return self.string(node, key)
+        if kind.startswith("choice:"):
+            options = kind.split(":", 1)[1].split("|")
+            if value not in options:
+                raise self.fail(node, key, f"must be one of {', '.join(options)}; got {value!r}")
+            return value
+        numeric = (int,) if kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            expected = "an integer" if kind == "int" else "a number"
+            raise self.fail(node, key, f"must be {expected}, got {value!r}")
+        if kind == "positive" and not value > 0:
+            raise self.fail(node, key, f"must be > 0, got {value!r}")
+        if low is not None and value < low:
+            raise self.fail(node, key, f"must be >= {low:g}, got {value!r}")
+        if high is not None and value > high:
+            raise self.fail(node, key, f"must be <= {high:g}, got {value!r}")
+        return value

@@ -1,0 +1,103 @@
+"""``SearchSpace``: the ordered decisions a controller samples, and token <-> Pattern mapping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from autodropout.patterns import Pattern
+from autodropout.patterns.fields import SITE_FIELDS, PatternError
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One token the controller emits: a choice among ``choices`` for ``site``'s ``name``."""
+
+    site: int
+    name: str
+    choices: tuple[Any, ...]
+
+    @property
+    def key(self) -> str:
+        return f"site{self.site}.{self.name}"
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site of a space: its display name, the child-model modules it goes to, and the
+    choices of every field (a single choice is a constant, not a controller decision)."""
+
+    name: str
+    choices: Mapping[str, tuple[Any, ...]]
+    modules: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space (see :func:`search_spaces.load`).
+
+    ``decisions`` lists, site by site in field order, every field with more than one
+    choice: that is the token sequence a controller samples. ``decode`` turns one index per
+    decision into a :class:`~autodropout.Pattern`; ``encode`` is its inverse.
+    """
+
+    name: str
+    kind: str
+    sites: tuple[SiteSpec, ...]
+    budget: Mapping[str, Any] = field(default_factory=dict)
+    controller: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    source: str = ""
+    yaml_text: str = ""
+
+    @property
+    def decisions(self) -> tuple[Decision, ...]:
+        return tuple(
+            Decision(index, f.name, site.choices[f.name])
+            for index, site in enumerate(self.sites)
+            for f in SITE_FIELDS[self.kind]
+            if len(site.choices[f.name]) > 1
+        )
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.sites)
+
+    @property
+    def log10_size(self) -> float:
+        """log10 of the number of distinct patterns in the space."""
+        return sum(math.log10(len(d.choices)) for d in self.decisions)
+
+    @property
+    def site_modules(self) -> tuple[str | None, ...]:
+        return tuple(site.modules for site in self.sites)
+
+    def decode(self, indices: Sequence[int]) -> Pattern:
+        decisions = self.decisions
+        if len(indices) != len(decisions):
+            raise ValueError(f"indices: expected {len(decisions)} tokens, got {len(indices)}")
+        values = [{name: choices[0] for name, choices in site.choices.items()} for site in self.sites]
+        for decision, index in zip(decisions, indices):
+            if not 0 <= int(index) < len(decision.choices):
+                raise ValueError(
+                    f"indices: {decision.key} index {index} outside [0, {len(decision.choices)})"
+                )
+            values[decision.site][decision.name] = decision.choices[int(index)]
+        return Pattern(self.kind, values, space=self.name)
+
+    def encode(self, pattern: Pattern) -> list[int]:
+        if pattern.kind != self.kind or len(pattern.sites) != len(self.sites):
+            raise PatternError(
+                f"pattern has {len(pattern.sites)} {pattern.kind} sites; space {self.name!r} "
+                f"has {len(self.sites)} {self.kind} sites"
+            )
+        for index, site in enumerate(self.sites):
+            for name, choices in site.choices.items():
+                if pattern.sites[index][name] not in choices:
+                    raise PatternError(
+                        f"sites[{index}].{name}: {pattern.sites[index][name]!r} is not a choice "
+                        f"of space {self.name!r}"
+                    )
+        return [d.choices.index(pattern.sites[d.site][d.name]) for d in self.decisions]
