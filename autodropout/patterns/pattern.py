@@ -55,6 +55,9 @@ class Pattern:
     def __hash__(self) -> int:
         return hash(self.hash)
 
+    def __reduce__(self):
+        return (type(self), (self.kind, [_plain(site) for site in self.sites], self.space))
+
     def __len__(self) -> int:
         return len(self.sites)
 
