@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,13 @@ def check_probability(value: float, name: str = "p") -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     return float(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` as an int >= 1, or raise ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def check_rank(x: Tensor, ranks: tuple[int, ...], layer: str, name: str = "input") -> None:
@@ -38,7 +45,18 @@ class DropoutLayer(nn.Module):
 
     :func:`autodropout.mc_dropout` keeps every ``DropoutLayer`` (and ``torch.nn`` dropout)
     stochastic at inference. Layers with a fixed rate derive from :class:`KeepMaskDropout`.
+
+    State that training forwards advance (step counters, cached relevances) must change only
+    when :attr:`updates_state` is true, so that Monte Carlo sampling leaves the layer as it was.
     """
+
+    mc_sampling: bool = False
+    """Set by :func:`autodropout.mc_dropout` while it samples masks in training mode."""
+
+    @property
+    def updates_state(self) -> bool:
+        """Whether this forward may advance training-time state: training, not MC sampling."""
+        return self.training and not self.mc_sampling
 
 
 class KeepMaskDropout(DropoutLayer):
