@@ -1,0 +1,417 @@
+"""Wire a pattern into an existing model without editing its source: ``apply_pattern``.
+
+Mechanism: a forward hook on every selected module replaces its output by the
+pattern-dropped output. Hooks leave parameters, buffers and ``state_dict`` keys alone and
+are traced by ``torch.compile``. Each :class:`PatternDropout` layer is registered as a child
+of the module it hooks, named ``autodropout_<key>`` (``key`` numbers the patterns applied
+to the model: ``0``, ``1``, ...), so ``model.train()``/``eval()``, ``.to()`` and ``print``
+reach it. A child of the hooked module rather than one container on the model, because
+``nn.Sequential`` runs every child it holds: a model that is a ``Sequential`` keeps working,
+while a selected ``Sequential`` (or ``ModuleList``/``ModuleDict``) is refused; select its
+last layer instead. The layers hold no tensors, so ``state_dict`` is unchanged. Each hook
+acts only while its layer is in training mode: in eval every output is the model's own.
+Hooks are callable objects (not closures), so ``copy.deepcopy`` of a patterned model
+gives a patterned copy whose hooks drive the copy's layers. Module names starting with
+``autodropout_`` are reserved.
+
+Sites (``sites=``): a selector is a module-name glob (``fnmatch`` against
+``named_modules()`` names), an ``nn.Module`` subclass, or a list of them (their union;
+each must match something). Defaults: conv patterns hook every ``nn.BatchNorm2d`` (the
+paper's placement); sequence patterns hook the dropout slots of
+:data:`SEQUENCE_DEFAULT_SITES` (nanoGPT and Hugging Face GPT-2 names), and a sequence
+``sites`` is a mapping from sub-layer to selector that overrides those defaults. A hooked
+``nn.Dropout`` keeps its own ``p`` and the pattern acts on its output: build the model with
+``dropout=0`` for the pattern alone.
+
+Sites to modules, with ``M`` the matched modules in ``named_modules()`` order:
+
+* conv: with ``len(pattern) == len(M)`` site ``i`` goes to ``M[i]``; a single site is shared
+  by every module (each gets its own layer, so masks are drawn independently); otherwise
+  ``ValueError``.
+* sequence: the same rule per sub-layer, between the sites whose ``apply_to`` holds the
+  sub-layer (in pattern order) and the modules matched for it. So one site per block works
+  (``n_layers`` sites with the same ``apply_to``), as does one site for the whole network.
+  Sub-layers no site names are left alone.
+
+Residual branch (conv sites with ``residual=True``): a residual block is a module exposing
+its residual branch as the attribute ``residual_site``, ``shortcut`` or ``downsample``
+(the first present; torchvision's ``BasicBlock``/``Bottleneck`` and :class:`WideResNet`
+blocks qualify), a module or ``None`` for the identity. The block's *last* hooked site
+outside that branch (``bn2``/``bn3`` for torchvision; ``bn2`` of a pre-activation block,
+whose output has the shape of the block output) draws one mask per block call, and the
+same mask multiplies the residual branch's output; for ``None`` a marker
+``nn.Identity`` is put in the slot while the pattern is applied, so the block's own
+``if self.downsample is not None`` picks it up. If the branch output has another spatial
+size, the mask is resampled to it by nearest neighbour; batch and channels must agree.
+``residual`` of any other site (not last in a block, or in no block) has no effect.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fields import CONV, SUBLAYERS
+from .module import PatternDropout
+from .pattern import Pattern
+
+PREFIX = "autodropout_"
+RESIDUAL_SLOTS = ("residual_site", "shortcut", "downsample")
+SEQUENCE_DEFAULT_SITES: dict[str, tuple[str, ...]] = {
+    "embedding": ("drop", "*.drop"),
+    "attention_probs": ("*attn_dropout",),
+    "attention_output": ("*resid_dropout",),
+    "ffn_hidden": ("*hidden_dropout",),
+    "ffn_output": ("*mlp.dropout",),
+}
+Selector = str | type | Sequence[str | type]
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_FLAG_TABLES = (
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+_SHOWN_NAMES = 4
+_ABSENT = object()
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class PatternHandle:
+    """One pattern applied to a model: its layers by hooked module name, and ``remove()``.
+
+    Use as a context manager to apply a pattern for a ``with`` block.
+    """
+
+    def __init__(self, model: nn.Module, pattern: Pattern, key: str,
+                 dropouts: dict[str, PatternDropout], residual_blocks: list[str]) -> None:
+        self.model = model
+        self.pattern = pattern
+        self.key = key
+        self.dropouts = dropouts
+        self.residual_blocks = residual_blocks
+        self._first_site = model.get_submodule(next(iter(dropouts)))
+
+    @property
+    def module_names(self) -> list[str]:
+        """The hooked modules, in ``named_modules()`` order."""
+        return list(self.dropouts)
+
+    @property
+    def applied(self) -> bool:
+        return _layer_name(self.key) in self._first_site._modules
+
+    def remove(self) -> None:
+        """Take the pattern out: hooks, layers and residual slots; idempotent."""
+        _remove(self.model, self.key)
+
+    def __enter__(self) -> PatternHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "applied" if self.applied else "removed"
+        return (f"PatternHandle({self.pattern!r}, modules={len(self.dropouts)}, "
+                f"residual_blocks={len(self.residual_blocks)}, {state})")
+
+
+def apply_pattern(model: nn.Module, pattern: Pattern,
+                  sites: Selector | Mapping[str, Selector] | None = None) -> PatternHandle:
+    """Insert ``pattern``'s dropout into ``model`` by forward hooks; see the module docstring.
+
+    Returns a :class:`PatternHandle` whose ``remove()`` restores the model exactly.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern must be an autodropout Pattern, got {type(pattern).__name__}")
+    candidates = _candidates(model)
+    if pattern.kind == CONV:
+        chosen = _select(candidates, nn.BatchNorm2d if sites is None else sites)
+        assignment = [(name, module, pattern.sites[i], None)
+                      for (name, module), i in zip(chosen, _spread(len(pattern), chosen, "sites"))]
+    else:
+        assignment = _assign_sequence(candidates, pattern, sites)
+
+    key = next(str(i) for i in itertools.count() if not _holds_key(model, str(i)))
+    dropouts: dict[str, PatternDropout] = {}
+    hooks: dict[str, _MaskHook] = {}
+    for name, module, site, sublayer in assignment:
+        dropouts[name] = PatternDropout(site, pattern.kind, sublayer).train(model.training)
+        module.add_module(_layer_name(key), dropouts[name])
+        hooks[name] = _MaskHook(key, dropouts[name])
+        module.register_forward_hook(hooks[name])
+    residual_blocks = _wire_residuals(model, key, dropouts, hooks) if pattern.kind == CONV else []
+    return PatternHandle(model, pattern, key, dropouts, residual_blocks)
+
+
+def strip_pattern(model: nn.Module) -> int:
+    """Remove every pattern applied to ``model``; returns how many there were."""
+    return len(_remove(model, None))
+
+
+# -- selection ---------------------------------------------------------------------------------
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules that may be sites: not the root, not what a pattern added."""
+    return [
+        (name, module) for name, module in model.named_modules()
+        if name and not any(part.startswith(PREFIX) for part in name.split("."))
+        and not isinstance(module, _ResidualSlot)
+    ]
+
+
+def _select(candidates: list[tuple[str, nn.Module]], selector: Selector,
+            where: str = "sites", each_must_match: bool = True) -> list[tuple[str, nn.Module]]:
+    items = [selector] if isinstance(selector, (str, type)) else selector
+    if not isinstance(items, Sequence) or not items:
+        raise ValueError(f"{where} must be a glob, an nn.Module type or a non-empty list of them, "
+                         f"got {selector!r}")
+    for item in items:
+        if not isinstance(item, str) and not (isinstance(item, type)
+                                              and issubclass(item, nn.Module)):
+            raise ValueError(f"{where} must hold module-name globs or nn.Module types, "
+                             f"got {item!r}")
+        if each_must_match and not any(_matches(item, *pair) for pair in candidates):
+            raise ValueError(f"{where}: selector {_describe(item)} matches no module")
+    chosen = [pair for pair in candidates if any(_matches(item, *pair) for item in items)]
+    if not chosen:
+        raise ValueError(f"{where}: selector {_describe(selector)} matches no module")
+    for name, module in chosen:
+        if isinstance(module, _CONTAINERS):
+            raise ValueError(f"{where}: {name} is a {type(module).__name__}, which runs (or "
+                             "holds) its children; select the layer whose output to drop")
+    return chosen
+
+
+def _matches(item: str | type, name: str, module: nn.Module) -> bool:
+    if isinstance(item, str):
+        return fnmatch.fnmatchcase(name, item)
+    return isinstance(module, item)
+
+
+def _describe(selector: Any) -> str:
+    if isinstance(selector, type):
+        return selector.__name__
+    if isinstance(selector, str):
+        return repr(selector)
+    return "[" + ", ".join(_describe(item) for item in selector) + "]"
+
+
+def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str) -> list[int]:
+    """Site index per chosen module: one each, or the single site for all."""
+    if n_sites == len(chosen):
+        return list(range(n_sites))
+    if n_sites == 1:
+        return [0] * len(chosen)
+    names = [name for name, _ in chosen]
+    shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+    raise ValueError(
+        f"{where}: the pattern has {n_sites} sites but {len(names)} modules matched ({shown}); "
+        f"give one site per matched module or a single site to share"
+    )
+
+
+def _assign_sequence(candidates, pattern: Pattern, sites: Any) -> list[tuple]:
+    if sites is not None and not isinstance(sites, Mapping):
+        raise ValueError("sites for a sequence pattern must map sub-layers "
+                         f"({', '.join(SUBLAYERS)}) to selectors, got {sites!r}")
+    overrides = dict(sites or {})
+    unknown = sorted(set(overrides) - set(SUBLAYERS))
+    if unknown:
+        raise ValueError(f"sites: {unknown[0]!r} is not a sub-layer ({', '.join(SUBLAYERS)})")
+    assignment, owner = [], {}
+    for sublayer in SUBLAYERS:
+        indices = [i for i, site in enumerate(pattern.sites) if sublayer in site["apply_to"]]
+        if not indices:
+            continue
+        if sublayer in overrides:
+            chosen = _select(candidates, overrides[sublayer], f"sites[{sublayer!r}]")
+        else:
+            chosen = _select(candidates, SEQUENCE_DEFAULT_SITES[sublayer],
+                             f"sites[{sublayer!r}] (default)", each_must_match=False)
+        spread = _spread(len(indices), chosen, f"sites[{sublayer!r}]")
+        for (name, module), j in zip(chosen, spread):
+            if name in owner:
+                raise ValueError(f"sites: module {name} is selected for both {owner[name]} and "
+                                 f"{sublayer}; a module can be one sub-layer only")
+            owner[name] = sublayer
+            assignment.append((name, module, pattern.sites[indices[j]], sublayer))
+    order = {name: i for i, (name, _) in enumerate(candidates)}
+    return sorted(assignment, key=lambda entry: order[entry[0]])
+
+
+# -- wiring -------------------------------------------------------------------------------------
+def _layer_name(key: str) -> str:
+    return f"{PREFIX}{key}"
+
+
+def _holds_key(model: nn.Module, key: str) -> bool:
+    return any(_layer_name(key) in module._modules for module in model.modules())
+
+
+def _wire_residuals(model: nn.Module, key: str, dropouts: dict[str, PatternDropout],
+                    hooks: dict[str, _MaskHook]) -> list[str]:
+    """Share the last site's mask with the residual branch of each residual block."""
+    last_site: dict[str, str] = {}
+    for name in dropouts:  # named_modules order, so the last write wins
+        block = _enclosing_block(model, name)
+        if block is not None:
+            last_site[block] = name
+    wired = []
+    for block_name, site_name in last_site.items():
+        dropout = dropouts[site_name]
+        if not dropout.site["residual"]:
+            continue
+        block = model.get_submodule(block_name)
+        shared = _SharedMask(key, dropout)
+        hooks[site_name].shared = shared
+        block.register_forward_pre_hook(shared)
+        block.register_forward_hook(shared)
+        _residual_branch(block, key).register_forward_hook(_MaskHook(key, dropout, shared))
+        wired.append(block_name)
+    return wired
+
+
+def _enclosing_block(model: nn.Module, name: str) -> str | None:
+    """The nearest residual block holding ``name`` outside its residual branch, if any."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        block = model.get_submodule(".".join(parts[:depth]))
+        slot = _slot_name(block)
+        if slot is not None:
+            return None if parts[depth] == slot else ".".join(parts[:depth])
+    return None
+
+
+def _slot_name(module: nn.Module) -> str | None:
+    for slot in RESIDUAL_SLOTS:
+        value = getattr(module, slot, _ABSENT)
+        if value is None or isinstance(value, nn.Module):
+            return slot
+    return None
+
+
+def _residual_branch(block: nn.Module, key: str) -> nn.Module:
+    slot = _slot_name(block)
+    branch = getattr(block, slot)
+    if branch is None:
+        branch = _ResidualSlot(key, registered=slot in block._modules)
+        if not branch.registered:
+            delattr(block, slot)
+        setattr(block, slot, branch)
+    return branch
+
+
+class _PatternHook:
+    """A hook owned by the applied pattern ``key``, so removal finds it by type and key."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+class _MaskHook(_PatternHook):
+    """Forward hook: output -> pattern-dropped output while the layer is training."""
+
+    def __init__(self, key: str, dropout: PatternDropout, shared: _SharedMask | None = None):
+        super().__init__(key)
+        self.dropout = dropout
+        self.shared = shared
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if not self.dropout.training:
+            return None
+        if self.shared is None:
+            return self.dropout(output)
+        return output * self.shared.mask_for(output)
+
+
+class _SharedMask(_PatternHook):
+    """One block's mask for its last site and its residual branch.
+
+    Drawn by whichever of the two runs first in a block call; the block's forward pre-hook
+    and forward hook (this object) clear it, so no mask outlives or leaks across calls.
+    """
+
+    def __init__(self, key: str, dropout: PatternDropout) -> None:
+        super().__init__(key)
+        self.dropout = dropout
+        self.mask: Tensor | None = None
+
+    def __call__(self, *hook_args: Any) -> None:
+        self.mask = None
+
+    def mask_for(self, output: Tensor) -> Tensor:
+        if self.mask is None:
+            # The layer applied to ones is exactly its rescaled keep mask.
+            self.mask = self.dropout(torch.ones_like(output))
+        return _fit(self.mask, output.shape)
+
+
+def _fit(mask: Tensor, shape: torch.Size) -> Tensor:
+    if mask.shape == shape:
+        return mask
+    if len(shape) != 4 or mask.shape[:2] != shape[:2]:
+        raise ValueError(
+            f"residual: the residual branch output {tuple(shape)} must have the batch and "
+            f"channels of the site output {tuple(mask.shape)}"
+        )
+    return F.interpolate(mask, size=tuple(shape[-2:]), mode="nearest")
+
+
+class _ResidualSlot(nn.Identity):
+    """Stands in for a ``None`` residual branch while a pattern masks the identity."""
+
+    def __init__(self, key: str, registered: bool) -> None:
+        super().__init__()
+        self.key = key
+        self.registered = registered
+
+
+# -- removal -------------------------------------------------------------------------------------
+def _remove(model: nn.Module, key: str | None) -> set[str]:
+    """Undo pattern ``key`` (every pattern for ``None``); returns the keys removed."""
+
+    def owned(owner_key: str) -> bool:
+        return key is None or owner_key == key
+
+    removed = set()
+    modules = list(model.modules())
+    for module in modules:
+        for table_name in _HOOK_TABLES:
+            table = getattr(module, table_name)
+            hook_ids = [i for i, hook in table.items()
+                        if isinstance(hook, _PatternHook) and owned(hook.key)]
+            for hook_id in hook_ids:
+                del table[hook_id]
+                for flags in _HOOK_FLAG_TABLES:
+                    getattr(module, flags, {}).pop(hook_id, None)
+        for slot, child in list(module._modules.items()):
+            if slot.startswith(PREFIX) and isinstance(child, PatternDropout):
+                child_key = slot[len(PREFIX):]
+                if owned(child_key):
+                    delattr(module, slot)
+                    removed.add(child_key)
+    for module in modules:  # after the hooks: a slot another pattern still hooks stays
+        for slot, child in list(module._modules.items()):
+            if isinstance(child, _ResidualSlot) and owned(child.key):
+                _restore_slot(module, slot, child)
+    return removed
+
+
+def _restore_slot(block: nn.Module, slot: str, stand_in: _ResidualSlot) -> None:
+    users = [hook for hook in stand_in._forward_hooks.values() if isinstance(hook, _PatternHook)]
+    if users:
+        stand_in.key = users[0].key  # the slot now belongs to a pattern still applied
+        return
+    if stand_in.registered:
+        block._modules[slot] = None
+    else:
+        del block._modules[slot]
+        object.__setattr__(block, slot, None)

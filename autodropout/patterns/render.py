@@ -1,0 +1,90 @@
+"""``render``: a picture of a pattern's masks, one row per site (like the paper's figures)."""
+
+from __future__ import annotations
+
+from numbers import Integral
+from pathlib import Path
+
+import torch
+
+from .fields import CONV
+from .module import PatternDropout
+from .pattern import Pattern
+
+KEPT_COLOUR = "#f0f0f0"
+DROPPED_COLOUR = "#c0392b"
+PANEL_INCHES = 1.6
+DPI = 100
+
+
+def render(
+    pattern: Pattern, shape: tuple[int, ...], path: str | Path, examples: int = 4, seed: int = 0
+) -> Path:
+    """Draw ``examples`` keep masks of every site of ``pattern`` into a PNG at ``path``.
+
+    ``shape`` is one example's activation shape: (C, H, W) for a conv pattern (the panels
+    show channel 0 of different examples) or (T, C) for a sequence pattern (tokens down,
+    features across, drawn with the (N, T, C) layout). Kept positions are light grey,
+    dropped ones red; each row is titled with the site's parameters. The masks come from
+    ``seed`` without touching the global random state. Returns the path.
+    """
+    rank = 3 if pattern.kind == CONV else 2
+    layout = "(C, H, W)" if pattern.kind == CONV else "(T, C)"
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != rank
+        or not all(isinstance(n, Integral) and not isinstance(n, bool) and n > 0 for n in shape)
+    ):
+        raise ValueError(
+            f"shape must be {layout} positive integers for a {pattern.kind} pattern, "
+            f"got {shape!r}"
+        )
+    if isinstance(examples, bool) or not isinstance(examples, Integral) or examples < 1:
+        raise ValueError(f"examples must be a positive integer, got {examples!r}")
+
+    masks = _masks(pattern, tuple(int(n) for n in shape), examples, seed)
+    figure = _figure(pattern, masks)
+    path = Path(path)
+    figure.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def _masks(pattern: Pattern, shape: tuple[int, ...], examples: int, seed: int) -> list:
+    """One (examples, rows, cols) boolean keep array per site."""
+    x = torch.zeros(examples, *shape)
+    masks = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for site in pattern.sites:
+            keep = PatternDropout(site, pattern.kind).keep_mask(x).expand_as(x)
+            masks.append((keep[:, 0] if pattern.kind == CONV else keep).numpy())
+    return masks
+
+
+def _figure(pattern: Pattern, masks: list):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    examples = masks[0].shape[0]
+    colours = ListedColormap([DROPPED_COLOUR, KEPT_COLOUR])
+    figure = Figure(
+        figsize=(examples * PANEL_INCHES + 0.4, len(masks) * (PANEL_INCHES + 0.5) + 0.4),
+        layout="constrained",
+    )
+    FigureCanvasAgg(figure)
+    figure.suptitle(
+        f"{pattern.kind} pattern {pattern.hash[:12]}: red = dropped, grey = kept", fontsize=9
+    )
+    rows = figure.subfigures(len(masks), 1, squeeze=False)[:, 0]
+    for index, (row, site_masks) in enumerate(zip(rows, masks)):
+        module = PatternDropout(pattern.sites[index], pattern.kind)
+        row.suptitle(f"site {index}: {module.extra_repr()}", fontsize=7, wrap=True)
+        axes = row.subplots(1, examples, squeeze=False)[0]
+        for example, ax in enumerate(axes):
+            ax.imshow(site_masks[example], cmap=colours, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(f"example {example}", fontsize=6)
+        axes[0].set_ylabel("row" if pattern.kind == CONV else "token", fontsize=6)
+    return figure
