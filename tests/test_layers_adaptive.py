@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 from scipy import stats as scipy_stats
+from stats import Z, assert_fraction
 from torch import nn
 
 from autodropout.layers import Jumpout, RelevanceDropout, Standout
 from autodropout.layers.adaptive import capped_rates_with_mean
-from tests.stats import Z, assert_fraction
 
 KS_ALPHA = 1e-6
 

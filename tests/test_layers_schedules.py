@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from stats import assert_fraction
 from torch import nn
 
 from autodropout import CurriculumDropout, DropoutScheduler, KeepMaskDropout, mc_dropout
-from tests.stats import assert_fraction
 
 P = 0.6
 T = 10

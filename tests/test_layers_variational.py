@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy import integrate, special
 from scipy import stats as scipy_stats
+from stats import Z, assert_fraction, assert_mean
 from torch import nn
 
 from autodropout.layers import (
@@ -19,7 +20,6 @@ from autodropout.layers import (
     VariationalDropout,
     variational_kl,
 )
-from tests.stats import Z, assert_fraction, assert_mean
 
 # Two-sided tail of a z = 6 normal: the false-failure rate every statistical check here uses.
 TAIL = scipy_stats.norm.sf(Z)

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from stats import assert_mean
 from torch import nn
 
 from autodropout import CurriculumDropout, DropoutLayer, mc_dropout, mc_predict
-from tests.stats import assert_mean
 
 
 def curriculum_at_target(p: float = 0.4) -> CurriculumDropout:

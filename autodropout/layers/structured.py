@@ -129,10 +129,11 @@ class DropBlock2d(KeepMaskDropout):
         failures = torch.nan_to_num(torch.log(uniform) / torch.log1p(-gamma), nan=0.0, posinf=trials)
         position = (failures.clamp(max=trials).long() + 1).cumsum(0) - 1
 
-        map_index = position.div(valid_h * valid_w, rounding_mode="floor")
-        within = position - map_index * (valid_h * valid_w)
-        top = within.div(valid_w, rounding_mode="floor")
-        corner = map_index * (height * width) + top * width + (within - top * valid_w)
+        valid_area = valid_h * valid_w
+        map_index = position.div(valid_area, rounding_mode="floor")
+        top = position.remainder(valid_area).div(valid_w, rounding_mode="floor")
+        # From valid-region coordinates to map pixels: skip the rows and columns no block starts in.
+        corner = position + map_index * (height * width - valid_area) + top * (size - 1)
 
         pixels = maps * height * width
         # Unused draws (past the last trial) get a block in a scratch area after the maps.

@@ -1,0 +1,84 @@
+"""The Tune trainable through a real local Ray: per-epoch reports, the final reward, one CPU
+thread per granted CPU, and a dataset shared through the object store."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from test_datasets import write_idx_dataset
+
+import search_spaces
+from workers.datasets import load_dataset, synthetic_images
+from workers.trainable import build_child
+from workers.training import Budget
+
+SMALL = {"train_examples": 128, "validation_examples": 64, "batch_size": 64}
+
+
+def tiny_patterns() -> list[str]:
+    space = search_spaces.load("tiny")
+    return [space.decode([i] * len(space.decisions)).to_json() for i in (0, 1)]
+
+
+def fit(trainable, param_space: dict, storage) -> list:
+    from ray import tune
+
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"pattern": tune.grid_search(tiny_patterns()), "space": "tiny",
+                     "model_args": {"width": 1}, **param_space},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=str(storage), name="trials", verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors, results.errors
+    return list(results)
+
+
+@pytest.mark.ray
+def test_two_trials_on_synthetic_report_each_epoch(ray_session, tmp_path):
+    from workers.trainable import pattern_trainable
+
+    results = fit(pattern_trainable, {"budget": {"epochs": 2, **SMALL}}, tmp_path)
+    assert len(results) == 2
+    hashes = set()
+    for result in results:
+        history = result.metrics_dataframe
+        assert history["epoch"].tolist() == [1, 2]
+        assert history["final"].tolist() == [False, True]
+        final = result.metrics
+        assert 0.0 <= final["reward"] <= 1.0 and final["reward"] == final["val_accuracy"]
+        assert not final["diverged"]
+        assert final["threads"] == 1 and final["device"] == "cpu"
+        assert final["node"] and final["duration"] > 0
+        hashes.add(final["pattern_hash"])
+    assert len(hashes) == 2
+
+
+@pytest.mark.ray
+def test_trials_use_the_shared_bundle_not_the_files(ray_session, tmp_path):
+    from workers.trainable import make_trainable
+
+    data_dir = tmp_path / "data"
+    write_idx_dataset(data_dir / "fashion-mnist", synthetic_images(256), synthetic_images(16, 7))
+    bundle = load_dataset("fashion-mnist", data_dir, download=False)
+    shutil.rmtree(data_dir)
+    with pytest.raises(FileNotFoundError):  # so a trial that read files would fail
+        load_dataset("fashion-mnist", data_dir, download=False)
+    budget = {"dataset": "fashion-mnist", "epochs": 1, **SMALL}
+    results = fit(make_trainable(bundle),
+                  {"budget": budget, "data_dir": str(data_dir), "download": False}, tmp_path)
+    assert len(results) == 2
+    assert all(r.metrics["final"] and r.metrics["epoch"] == 1 for r in results)
+
+
+def test_build_child_shapes_the_model_from_the_dataset():
+    budget = Budget.from_mapping(search_spaces.load("tiny").budget)
+    model = build_child(budget, load_dataset("synthetic"), seed=0, model_args={"width": 1})
+    assert (model.fc.out_features, model.conv.in_channels) == (10, 1)
+    with pytest.raises(ValueError, match="model 'wrn' needs a image dataset"):
+        build_child(budget, load_dataset("synthetic-text"), seed=0, model_args={})
+    with pytest.raises(ValueError, match="model must be one of"):
+        build_child(Budget.from_mapping(budget.__dict__, model="vgg"), load_dataset("synthetic"),
+                    seed=0, model_args={})

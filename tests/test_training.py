@@ -1,0 +1,150 @@
+"""train_child on synthetic data: it learns, reports every epoch, is reproducible, and stops
+diverging runs with reward 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import search_spaces
+from workers.datasets import load_dataset, validation_split
+from workers.models import GPTLanguageModel, build_model
+from workers.training import Budget, bind_site_modules, reward_from_perplexity, train_child
+
+REQUIRED = {"epoch", "train_loss", "val_accuracy", "reward", "final", "diverged", "reason"}
+BUDGET = {"model": "tiny", "dataset": "synthetic", "epochs": 2, "train_examples": 256,
+          "validation_examples": 128, "batch_size": 16, "lr": 0.1}
+
+
+def tiny_convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+@pytest.fixture(scope="module")
+def holdout():
+    return validation_split(load_dataset("synthetic").train, 128, 256)
+
+
+@pytest.fixture(scope="module")
+def pattern():
+    space = search_spaces.load("tiny")
+    return space.decode([1] * len(space.decisions))  # 4x4 boxes, stride 16, filled, rotated
+
+
+def run(holdout, pattern, seed=0, **overrides):
+    reports = []
+    model = tiny_convnet()
+    last = train_child(model, pattern, None, holdout, {**BUDGET, **overrides}, seed=seed,
+                       report=reports.append)
+    return model, reports, last
+
+
+def test_learns_with_a_pattern_and_reports_each_epoch(holdout, pattern):
+    model, reports, last = run(holdout, pattern)
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert [r["final"] for r in reports] == [False, True]
+    assert all(r.keys() >= REQUIRED and not r["diverged"] for r in reports)
+    assert last == reports[-1]
+    assert reports[1]["train_loss"] < reports[0]["train_loss"] < math.log(10)
+    # above chance (0.1) by 6 standard deviations of a guesser's accuracy on 128 examples
+    assert last["val_accuracy"] > 0.1 + 6 * math.sqrt(0.1 * 0.9 / 128)
+    assert last["reward"] == last["val_accuracy"]
+    assert not hasattr(model, "autodropout_patterns")  # the pattern was taken out
+
+
+def test_the_pattern_changes_training(holdout, pattern):
+    _, with_pattern, _ = run(holdout, pattern, epochs=1)
+    _, without, _ = run(holdout, None, epochs=1)
+    assert with_pattern[0]["train_loss"] != without[0]["train_loss"]
+
+
+def test_same_seed_same_run_other_seed_other_run(holdout, pattern):
+    def trace(seed):
+        _, reports, _ = run(holdout, pattern, seed=seed, epochs=1)
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in reports]
+
+    assert trace(0) == trace(0)
+    assert trace(0) != trace(1)
+
+
+def test_divergence_ends_early_with_reward_zero(holdout, pattern):
+    _, reports, last = run(holdout, pattern, lr=1e6)
+    assert len(reports) == 1
+    assert last["diverged"] and last["final"] and last["reward"] == 0.0
+    assert "loss" in last["reason"]
+
+
+def test_nan_loss_is_divergence(holdout):
+    model = tiny_convnet()
+    with torch.no_grad():
+        model[-1].bias.fill_(math.nan)
+    last = train_child(model, None, None, holdout, BUDGET)
+    assert (last["epoch"], last["diverged"], last["reward"]) == (1, True, 0.0)
+    assert last["reason"] == "train loss is nan"
+
+
+def test_language_model_reports_perplexity_and_enas_reward(pattern):
+    data = load_dataset("synthetic-text")
+    space = search_spaces.load("transformer")
+    sequence_pattern = space.decode([0] * len(space.decisions))
+    model = build_model("gpt", seed=0, vocab_size=data.vocab_size, context=32, d_model=32,
+                        n_layers=1, n_heads=2)
+    assert isinstance(model, GPTLanguageModel)
+    budget = {"model": "gpt", "dataset": "synthetic-text", "epochs": 1, "train_examples": 4096,
+              "validation_examples": 1024, "batch_size": 16, "lr": 3e-3, "context": 32}
+    reports = []
+    last = train_child(model, sequence_pattern, None, validation_split(data.train, 1024, 4096),
+                       budget, seed=0, report=reports.append)
+    assert len(reports) == 1 and last["final"] and not last["diverged"]
+    assert last["val_perplexity"] < data.vocab_size  # better than a uniform guess
+    assert last["reward"] == pytest.approx(80 / last["val_perplexity"])
+
+
+def test_reward_from_perplexity():
+    assert reward_from_perplexity(80.0) == 1.0
+    assert reward_from_perplexity(160.0) == 0.5
+    assert reward_from_perplexity(math.inf) == 0.0
+    assert reward_from_perplexity(math.nan) == 0.0
+
+
+def test_bind_site_modules_puts_each_site_on_its_stage():
+    space = search_spaces.load("convnet")
+    pattern = space.decode([0] * len(space.decisions))
+    model = build_model("wide_resnet", seed=0, depth=10, width=1)
+    expanded, sites = bind_site_modules(model, pattern, ("group1.*", "group2.*", "group3.*"))
+    assert sites == [f"group{g}.0.bn{i}" for g in (1, 2, 3) for i in (1, 2)]
+    assert [dict(s) for s in expanded.sites] == [dict(pattern.sites[g]) for g in (0, 0, 1, 1, 2, 2)]
+    assert bind_site_modules(model, pattern, (None, None, None)) == (pattern, None)
+
+
+@pytest.mark.parametrize("globs, match", [
+    (("block1.*", "group2.*", "group3.*"), r"site_modules\[0\]: 'block1\.\*' matches no "
+                                           r"BatchNorm2d of WideResNet \(they are named group1"),
+    (("group*", "group2.*", "group3.*"), r"group2\.0\.bn1 matches both site 0 and site 1"),
+    (("group1.*", None, "group3.*"), "a glob for each of the pattern's 3 sites"),
+])
+def test_bind_site_modules_errors(globs, match):
+    space = search_spaces.load("convnet")
+    pattern = space.decode([0] * len(space.decisions))
+    model = build_model("wide_resnet", seed=0, depth=10, width=1)
+    with pytest.raises(ValueError, match=match):
+        bind_site_modules(model, pattern, globs)
+
+
+def test_budget_from_mapping_checks_keys():
+    budget = Budget.from_mapping(BUDGET, epochs=3)
+    assert (budget.epochs, budget.weight_decay, budget.context) == (3, 0.0, 64)
+    with pytest.raises(ValueError, match="unknown key 'epoch'"):
+        Budget.from_mapping(BUDGET, epoch=3)
+    with pytest.raises(ValueError, match="lr is missing"):
+        Budget.from_mapping({k: v for k, v in BUDGET.items() if k != "lr"})
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        Budget.from_mapping(BUDGET, batch_size=0)

@@ -1,0 +1,102 @@
+"""The Ray Tune function trainable: train one child model with one proposed pattern.
+
+``config`` (from the searcher, plus constants of the search):
+
+* ``pattern``: the pattern's canonical JSON (required);
+* ``space``: a shipped space name or a YAML path (default: the pattern's ``space``);
+* ``budget``: overrides of the space's ``budget:`` section;
+* ``model_args``: extra keyword arguments of the child model (e.g. ``{"width": 1}``);
+* ``site_modules``: per-site module globs overriding the space's ``modules:``;
+* ``seed`` (model initialisation, batch order and masks; default 0), ``split_seed``
+  (the validation hold-out, default 0: the same for every trial so rewards compare);
+* ``data_dir`` and ``download`` (default true): where the dataset's files are and whether
+  they may be downloaded, when the trial loads them itself.
+
+Every epoch is reported with ``ray.tune.report``: the metrics of
+:func:`workers.training.train_child` plus ``node``, ``device``, ``threads``,
+``pattern_hash`` and ``duration`` (seconds since the trial started). The last report has
+``final: True`` and the trial's ``reward``.
+
+Load the dataset once on the driver and share it through the object store with
+:func:`make_trainable`; without it, each trial loads the dataset itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+from torch import nn
+
+import search_spaces
+from autodropout.patterns import Pattern
+
+from .datasets import DatasetBundle, load_dataset, validation_split
+from .models import build_model
+from .training import Budget, bind_site_modules, train_child
+
+MODEL_NAMES = {"wrn": "wide_resnet", "wide_resnet": "wide_resnet", "gpt": "gpt"}
+
+
+def make_trainable(bundle: DatasetBundle):
+    """:func:`pattern_trainable` with ``bundle`` put in the object store once, for every trial."""
+    return tune.with_parameters(pattern_trainable, data=bundle)
+
+
+def pattern_trainable(config: dict[str, Any], data: DatasetBundle | None = None) -> None:
+    """Tune function trainable; see the module docstring for ``config`` and the metrics."""
+    started = time.perf_counter()
+    pattern = Pattern.from_json(config["pattern"], source="config['pattern']")
+    space = search_spaces.load(config.get("space") or pattern.space)
+    budget = Budget.from_mapping(space.budget, **config.get("budget", {}))
+    seed = config.get("seed", 0)
+    if data is None:
+        data = load_dataset(budget.dataset, config.get("data_dir"), config.get("download", True))
+    elif data.name != budget.dataset:
+        raise ValueError(f"data: the trainable holds {data.name!r} but the budget trains on "
+                         f"{budget.dataset!r}")
+    device, threads = claim_device()
+    model = build_child(budget, data, seed, config.get("model_args", {}))
+    pattern_at_sites, sites = bind_site_modules(
+        model, pattern, config.get("site_modules", space.site_modules)
+    )
+    holdout = validation_split(data.train, budget.validation_examples, budget.train_examples,
+                               seed=config.get("split_seed", 0))
+    constants = {"node": ray.util.get_node_ip_address(), "device": str(device),
+                 "threads": threads, "pattern_hash": pattern.hash}
+
+    def report(metrics: dict[str, Any]) -> None:
+        tune.report({**metrics, **constants, "duration": time.perf_counter() - started})
+
+    train_child(model, pattern_at_sites, sites, holdout, budget, device, seed, report)
+
+
+def claim_device() -> tuple[torch.device, int]:
+    """The GPU Ray granted this trial, else the CPU with one torch thread per granted CPU
+    (so concurrent trials do not oversubscribe the cores); returns (device, threads)."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda"), torch.get_num_threads()
+    granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(granted)))
+    return torch.device("cpu"), torch.get_num_threads()
+
+
+def build_child(budget: Budget, data: DatasetBundle, seed: int,
+                model_args: dict[str, Any]) -> nn.Module:
+    """The budget's child model, shaped for ``data`` (classes and channels, or vocabulary)."""
+    if budget.model not in MODEL_NAMES:
+        raise ValueError(f"budget: model must be one of {', '.join(MODEL_NAMES)}, "
+                         f"got {budget.model!r}")
+    name = MODEL_NAMES[budget.model]
+    needs = "text" if name == "gpt" else "image"
+    if data.kind != needs:
+        raise ValueError(f"budget: model {budget.model!r} needs a {needs} dataset, "
+                         f"got {data.name!r}")
+    if name == "gpt":
+        shape = {"vocab_size": data.vocab_size, "context": budget.context}
+    else:
+        shape = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+    return build_model(name, seed=seed, **shape, **model_args)

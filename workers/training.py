@@ -1,0 +1,307 @@
+"""Train a child model with a dropout pattern applied and score it: no Ray in here.
+
+Recipes (one per child-model family, as in AutoDropout's proxy tasks, Pham & Le 2021):
+
+* image classifiers (WideResNet): SGD with Nesterov momentum 0.9 and weight decay, the
+  learning rate following a cosine from ``lr`` to 0 over every step of the budget; inputs
+  are the uint8 images scaled to [0, 1] and standardised per channel with the training
+  examples' mean and std, batch by batch on the device. Reward: validation accuracy.
+* language models (GPT): AdamW with weight decay, the same cosine schedule and gradient
+  norm clipped at 1; non-overlapping windows of ``context`` tokens. Reward:
+  :func:`reward_from_perplexity` of the validation perplexity.
+
+A run whose mean training loss (or validation loss) is not finite, or exceeds
+:data:`DIVERGENCE_FACTOR` times the loss of a uniform guess, has diverged: it stops after
+that epoch with reward 0, so the controller learns to avoid the pattern. The host reads
+losses once per epoch; steps never wait on the device.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autodropout.patterns import CONV, Pattern, apply_pattern
+
+from .datasets import Holdout, Images
+
+DIVERGENCE_FACTOR = 10.0
+ENAS_PERPLEXITY_SCALE = 80.0
+LM_GRAD_CLIP = 1.0
+EVAL_BATCH = 512
+_SHOWN_NAMES = 4
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a child model is trained: the ``budget:`` section of a search space."""
+
+    model: str
+    dataset: str
+    epochs: int
+    train_examples: int
+    validation_examples: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    context: int = 64
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> Budget:
+        merged = {**values, **overrides}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"budget: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        missing = [f.name for f in fields(cls) if f.name not in merged and f.default is MISSING]
+        if missing:
+            raise ValueError(f"budget: {missing[0]} is missing")
+        for name in ("epochs", "train_examples", "validation_examples", "batch_size", "context"):
+            value = merged.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"budget: {name} must be a positive integer, got {value!r}")
+        if not merged["lr"] > 0:
+            raise ValueError(f"budget: lr must be positive, got {merged['lr']!r}")
+        return cls(**merged)
+
+
+def reward_from_perplexity(perplexity: float) -> float:
+    """``80 / perplexity``: the reward ENAS gave its language-model controller (Pham et al.
+    2018), higher for lower perplexity; 0 for an infinite or undefined perplexity."""
+    if not math.isfinite(perplexity) or perplexity <= 0:
+        return 0.0
+    return ENAS_PERPLEXITY_SCALE / perplexity
+
+
+def bind_site_modules(model: nn.Module, pattern: Pattern,
+                      site_modules: Sequence[str | None]) -> tuple[Pattern, list[str] | None]:
+    """The pattern and ``sites`` for :func:`apply_pattern` that put site ``i`` on the
+    ``nn.BatchNorm2d`` modules whose names match the glob ``site_modules[i]``.
+
+    ``apply_pattern`` maps sites to matched modules one to one (or one site to all), so the
+    pattern is expanded to one copy of its site per matched module, in ``named_modules()``
+    order, and the modules are named exactly. With no globs, the pattern and ``None`` (the
+    defaults of :func:`apply_pattern`) come back unchanged.
+    """
+    if not any(site_modules):
+        return pattern, None
+    if not all(site_modules) or len(site_modules) != len(pattern):
+        raise ValueError(f"site_modules must give a glob for each of the pattern's "
+                         f"{len(pattern)} sites, got {list(site_modules)}")
+    if pattern.kind != CONV:
+        raise ValueError("site_modules: per-site module globs are supported for conv patterns "
+                         "only; sequence patterns choose modules by sub-layer (apply_to)")
+    norms = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    owner: dict[str, int] = {}
+    for index, glob in enumerate(site_modules):
+        matched = [name for name in norms if fnmatch.fnmatchcase(name, glob)]
+        if not matched:
+            shown = ", ".join(norms[:_SHOWN_NAMES]) + (", ..." if len(norms) > _SHOWN_NAMES else "")
+            raise ValueError(f"site_modules[{index}]: {glob!r} matches no BatchNorm2d of "
+                             f"{type(model).__name__} (they are named {shown})")
+        for name in matched:
+            if name in owner:
+                raise ValueError(f"site_modules: {name} matches both site {owner[name]} and "
+                                 f"site {index}")
+            owner[name] = index
+    chosen = [name for name in norms if name in owner]
+    expanded = Pattern(pattern.kind, [pattern.sites[owner[name]] for name in chosen],
+                       space=pattern.space)
+    return expanded, chosen
+
+
+def train_child(model: nn.Module, pattern: Pattern | None, sites: Any, data: Holdout,
+                budget: Budget | Mapping[str, Any], device: torch.device | str = "cpu",
+                seed: int = 0, report: Callable[[dict[str, Any]], None] | None = None
+                ) -> dict[str, Any]:
+    """Train ``model`` with ``pattern`` applied at ``sites`` (see :func:`apply_pattern`;
+    ``None`` pattern: no dropout) for ``budget.epochs`` epochs on ``data.train``.
+
+    After every epoch, validates on ``data.validation`` and calls ``report(metrics)`` with
+    ``epoch``, ``epochs``, ``train_loss``, ``val_loss``, ``val_accuracy`` (images) or
+    ``val_perplexity`` (text), ``reward``, ``final``, ``diverged``, ``reason``, ``lr`` and
+    ``epoch_seconds``; returns the last metrics. The same seed gives the same run on CPU.
+    The pattern is removed from ``model`` at the end.
+    """
+    budget = budget if isinstance(budget, Budget) else Budget.from_mapping(budget)
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    task = (_ImageTask if isinstance(data.train, Images) else _TextTask)(data, budget, device)
+    optimizer = task.optimizer(model)
+    steps = budget.epochs * task.steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    handle = apply_pattern(model, pattern, sites) if pattern is not None else None
+    try:
+        for epoch in range(1, budget.epochs + 1):
+            started = time.perf_counter()
+            train_loss = _train_epoch(model, task, optimizer, scheduler, generator)
+            metrics = {"epoch": epoch, "epochs": budget.epochs, "train_loss": train_loss,
+                       **task.evaluate(model)}
+            reason = _divergence(train_loss, metrics["val_loss"], task.chance_loss)
+            metrics.update(
+                reward=0.0 if reason else task.reward(metrics),
+                diverged=bool(reason),
+                final=bool(reason) or epoch == budget.epochs,
+                reason=reason,
+                lr=scheduler.get_last_lr()[0],
+                epoch_seconds=time.perf_counter() - started,
+            )
+            if report is not None:
+                report(metrics)
+            if metrics["final"]:
+                break
+    finally:
+        if handle is not None:
+            handle.remove()
+    return metrics
+
+
+def _train_epoch(model: nn.Module, task: _Task, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 generator: torch.Generator) -> float:
+    model.train()
+    total = torch.zeros((), device=task.device)
+    steps = 0
+    for inputs, targets in task.batches(generator):
+        loss = task.loss(model, inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if task.grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), task.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach()
+        steps += 1
+    return float(total) / steps
+
+
+def _divergence(train_loss: float, val_loss: float, chance_loss: float) -> str:
+    """Why the run diverged, or "" if it did not."""
+    for name, loss in (("train loss", train_loss), ("validation loss", val_loss)):
+        if not math.isfinite(loss):
+            return f"{name} is {loss}"
+    if train_loss > DIVERGENCE_FACTOR * chance_loss:
+        return (f"train loss {train_loss:.4g} exceeds {DIVERGENCE_FACTOR:g} x the loss of a "
+                f"uniform guess ({chance_loss:.4g})")
+    return ""
+
+
+class _Task(Protocol):
+    """What differs between image classification and language modelling."""
+
+    device: torch.device
+    steps_per_epoch: int
+    chance_loss: float
+    grad_clip: float | None
+
+    def batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+    def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor: ...
+
+
+class _ImageTask:
+    grad_clip = None
+
+    def __init__(self, data: Holdout, budget: Budget, device: torch.device) -> None:
+        self.budget, self.device = budget, device
+        self.train = Images(data.train.images.to(device), data.train.labels.to(device))
+        self.validation = Images(data.validation.images.to(device),
+                                 data.validation.labels.to(device))
+        scaled = self.train.images.float() / 255
+        self.mean = scaled.mean(dim=(0, 2, 3), keepdim=True)
+        self.std = scaled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+        self.steps_per_epoch = math.ceil(len(self.train) / budget.batch_size)
+        num_classes = int(data.train.labels.max()) + 1
+        self.chance_loss = math.log(max(num_classes, 2))
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=self.budget.lr, momentum=0.9,
+                               nesterov=True, weight_decay=self.budget.weight_decay)
+
+    def standardise(self, images: Tensor) -> Tensor:
+        return (images.float() / 255 - self.mean) / self.std
+
+    def batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.train), generator=generator).to(self.device)
+        for index in order.split(self.budget.batch_size):
+            yield self.standardise(self.train.images[index]), self.train.labels[index]
+
+    def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(model(inputs), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        model.eval()
+        loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        for images, labels in zip(self.validation.images.split(EVAL_BATCH),
+                                  self.validation.labels.split(EVAL_BATCH)):
+            logits = model(self.standardise(images))
+            loss += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(dim=1) == labels).sum()
+        model.train()
+        count = len(self.validation)
+        return {"val_loss": float(loss) / count, "val_accuracy": int(correct) / count}
+
+    def reward(self, metrics: Mapping[str, float]) -> float:
+        return metrics["val_accuracy"]
+
+
+class _TextTask:
+    grad_clip = LM_GRAD_CLIP
+    def __init__(self, data: Holdout, budget: Budget, device: torch.device) -> None:
+        self.budget, self.device = budget, device
+        self.inputs, self.targets = self.windows(data.train, "train_examples")
+        self.val_inputs, self.val_targets = self.windows(data.validation, "validation_examples")
+        self.steps_per_epoch = math.ceil(len(self.inputs) / budget.batch_size)
+        vocab_size = int(torch.maximum(data.train.max(), data.validation.max())) + 1
+        self.chance_loss = math.log(max(vocab_size, 2))
+
+    def windows(self, tokens: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        """Non-overlapping (inputs, next-token targets) windows of ``context`` tokens."""
+        context = self.budget.context
+        count = (len(tokens) - 1) // context
+        if count < 1:
+            raise ValueError(f"budget: {name} must exceed context ({context}) tokens, "
+                             f"got {len(tokens)}")
+        tokens = tokens.to(self.device)
+        return (tokens[:count * context].view(count, context),
+                tokens[1:count * context + 1].view(count, context))
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=self.budget.lr,
+                                 weight_decay=self.budget.weight_decay)
+
+    def batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.randperm(len(self.inputs), generator=generator).to(self.device)
+        for index in order.split(self.budget.batch_size):
+            yield self.inputs[index], self.targets[index]
+
+    def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        model.eval()
+        loss = torch.zeros((), device=self.device)
+        for inputs, targets in zip(self.val_inputs.split(EVAL_BATCH),
+                                   self.val_targets.split(EVAL_BATCH)):
+            loss += F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(),
+                                    reduction="sum")
+        model.train()
+        val_loss = float(loss) / self.val_targets.numel()
+        perplexity = math.exp(val_loss) if val_loss < 700 else math.inf
+        return {"val_loss": val_loss, "val_perplexity": perplexity}
+
+    def reward(self, metrics: Mapping[str, float]) -> float:
+        return reward_from_perplexity(metrics["val_perplexity"])
