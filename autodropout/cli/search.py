@@ -1,0 +1,82 @@
+"""``autodropout search``: run a pattern search on this machine or on a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    search = commands.add_parser(
+        "search",
+        help="search dropout patterns with an RL (or random) controller on Ray",
+        description="Search dropout patterns: the controller proposes patterns, Ray Tune workers "
+        "train child models with them, every trial goes to the pattern store.",
+    )
+    search.add_argument("--space", default="convnet", help="space name or YAML path (default: convnet)")
+    search.add_argument("--dataset", help="dataset (default: the space's budget.dataset)")
+    search.add_argument("--model", help="child model: wrn or gpt (default: the space's budget.model)")
+    search.add_argument("--trials", type=int, default=20, help="number of trials (default: 20)")
+    search.add_argument("--concurrent", type=int, default=2, help="trials at once (default: 2)")
+    search.add_argument("--epochs", type=int, help="epochs per trial (default: the space's budget)")
+    search.add_argument("--controller", choices=("rl", "random"), default="rl")
+    search.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)")
+    search.add_argument("--db", help="pattern store URL (default: $AUTODROPOUT_DB or the local SQLite file)")
+    search.add_argument("--name", help="search name (default: SPACE-DATASET-TIMESTAMP)")
+    search.add_argument("--resume", metavar="NAME", help="continue an interrupted search")
+    search.add_argument("--warm-start", metavar="NAME", help="start from the policy of an earlier search")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--data-dir", help="dataset folder (default: $AUTODROPOUT_DATA_DIR or download)")
+    search.add_argument("--cpus-per-trial", type=float, default=1.0)
+    search.add_argument("--gpus-per-trial", type=float, default=0.0, help="e.g. 0.25 for four trials per GPU")
+    search.add_argument("--experiments-dir", help="where Tune keeps experiment state (default: "
+                        "$XDG_DATA_HOME/autodropout/experiments)")
+    search.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="controller setting, e.g. --set lr=0.001 --set entropy_weight=0.01")
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(handler=run)
+
+
+def parse_settings(pairs: list[str]) -> dict[str, float | int | str]:
+    from autodropout.errors import BadInput
+    from controller.controllers import DEFAULTS
+
+    settings: dict[str, float | int | str] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in DEFAULTS:
+            raise BadInput(f"--set: expected KEY=VALUE with KEY one of {', '.join(DEFAULTS)}; got {pair!r}")
+        kind = type(DEFAULTS[key])
+        try:
+            settings[key] = kind(raw)
+        except ValueError:
+            raise BadInput(f"--set {key}: expected {kind.__name__}, got {raw!r}") from None
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from controller.service import SearchOptions, run_search
+
+    options = SearchOptions(
+        space=args.space, dataset=args.dataset, model=args.model, trials=args.trials,
+        concurrent=args.concurrent, epochs=args.epochs, controller=args.controller,
+        controller_settings=parse_settings(args.set), address=args.address, db=args.db,
+        name=args.name, resume=args.resume, warm_start=args.warm_start, seed=args.seed,
+        data_dir=args.data_dir, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, experiments_dir=args.experiments_dir,
+        progress=not args.quiet,
+    )
+    try:
+        result = run_search(options)
+    except KeyboardInterrupt:
+        name = options.resume or options.name or "NAME"
+        print(f"autodropout: search stopped; continue it with: autodropout search --resume {name}",
+              file=sys.stderr)
+        return 130
+    print(f"search {result.name}: {result.status}, {result.trials} trials in {result.elapsed:.0f} s")
+    for rank, hit in enumerate(result.best, 1):
+        print(f"  {rank}. reward {hit.reward:.4f}  pattern {hit.record.hash[:12]}  trial {hit.trial_id}")
+    if result.best_hash:
+        print(f"best pattern tagged {result.name}-best")
+        print(f"export it: autodropout patterns export {result.name}-best -o pattern.json")
+    return 0 if result.status == "completed" else 1

@@ -1,0 +1,87 @@
+"""`autodropout search` end to end on a real local Ray (the session fixture), and its bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from autodropout.cli import main
+from patterns_db import PatternStore
+
+
+@pytest.fixture
+def search_args(tmp_path):
+    db = f"sqlite:///{tmp_path / 'patterns.db'}"
+
+    def args(*extra):
+        return ["search", "--space", "tiny", "--dataset", "synthetic", "--db", db,
+                "--experiments-dir", str(tmp_path / "experiments"), "--quiet", *extra]
+
+    args.db = db
+    return args
+
+
+@pytest.mark.ray
+def test_search_end_to_end(ray_session, search_args, capsys):
+    assert main(search_args("--trials", "6", "--concurrent", "2", "--name", "e2e")) == 0
+    out = capsys.readouterr().out
+    assert "search e2e: completed, 6 trials" in out and "best pattern tagged e2e-best" in out
+    with PatternStore(search_args.db) as store:
+        trials = store.trials("e2e")
+        assert len(trials) == 6 and {t.status for t in trials} == {"completed"}
+        assert len({t.trial_id for t in trials}) == 6
+        assert all(t.metrics and t.metrics[-1]["reward"] == t.reward for t in trials)
+        best = max(t.reward for t in trials)
+        assert store.resolve("e2e-best").hash == store.search_summary("e2e").best_pattern_hash
+        assert store.search_summary("e2e").best_reward == best
+        assert store.get_search("e2e").status == "completed"
+        assert store.load_controller_state("e2e")
+
+
+@pytest.mark.ray
+def test_random_controller_and_warm_start(ray_session, search_args):
+    assert main(search_args("--trials", "2", "--controller", "random", "--name", "rand")) == 0
+    assert main(search_args("--trials", "2", "--name", "first")) == 0
+    assert main(search_args("--trials", "2", "--name", "second", "--warm-start", "first")) == 0
+    with PatternStore(search_args.db) as store:
+        assert [len(store.trials(name)) for name in ("rand", "first", "second")] == [2, 2, 2]
+        assert store.get_search("rand").controller_settings["controller"] == "random"
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "autodropout", *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("change,message", [
+    (("--space", "nope"), "unknown search space 'nope'"),
+    (("--dataset", "imagenet"), "--dataset: unknown dataset 'imagenet'"),
+    (("--address", "127.0.0.1:1"), "--address: cannot reach Ray at 127.0.0.1:1"),
+    (("--resume", "never-ran"), "--resume: no search named 'never-ran'"),
+    (("--trials", "0"), "--trials: must be at least 1"),
+    (("--set", "lr=fast"), "--set lr: expected float, got 'fast'"),
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, change, message):
+    db = tmp_path / "patterns.db"
+    args = ["search", "--space", "tiny", "--dataset", "synthetic", "--db", f"sqlite:///{db}",
+            "--experiments-dir", str(tmp_path / "experiments"), "--quiet", *change]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert captured.err.startswith("autodropout: error: ") and message in captured.err
+    assert not (tmp_path / "experiments").exists()
+    if db.exists():
+        with PatternStore(f"sqlite:///{db}") as store:
+            assert store.searches() == []
+
+
+def test_unwritable_database_is_exit_2(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")  # tests run as root here, so permissions would not stop it
+    result = run_cli("search", "--space", "tiny", "--dataset", "synthetic",
+                     "--db", f"sqlite:///{not_a_folder / 'patterns.db'}", "--quiet",
+                     "--experiments-dir", str(tmp_path / "experiments"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("autodropout: error: cannot open pattern store")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "experiments").exists()
+    assert result.stderr.startswith("autodropout: error: cannot open pattern store")
