@@ -96,3 +96,15 @@ def test_bad_files(tmp_path):
         Pattern.load(broken_yaml)
     with pytest.raises(PatternError, match="missing.json: cannot read"):
         Pattern.load(tmp_path / "missing.json")
+
+
+def test_exported_hash_guards_against_edits(tmp_path):
+    pattern = Pattern("conv", [CONV_SITE])
+    exported = tmp_path / "p.yaml"
+    exported.write_text(pattern.to_yaml(with_hash=True))
+    assert Pattern.load(exported).hash == pattern.hash
+    exported.write_text(exported.read_text().replace("stride: 8", "stride: 9"))
+    with pytest.raises(PatternError, match=r"p.yaml: hash: .* does not match the content"):
+        Pattern.load(exported)
+    with pytest.raises(PatternError, match="hash: must be 64 lowercase hex digits"):
+        Pattern.from_dict({**pattern.to_dict(), "hash": "abc"})

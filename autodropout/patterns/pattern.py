@@ -12,7 +12,7 @@ from typing import Any
 from .fields import PatternError, check_kind, check_site
 
 FORMAT = "autodropout.pattern/1"
-_TOP_LEVEL = ("format", "kind", "sites", "space")
+_TOP_LEVEL = ("format", "hash", "kind", "sites", "space")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,17 @@ class Pattern:
     def __hash__(self) -> int:
         return hash(self.hash)
 
+    def check_hash(self, claimed: Any) -> None:
+        """Refuse a file whose ``hash`` field does not match its content (an exported file
+        that was edited by hand or corrupted)."""
+        if not isinstance(claimed, str) or len(claimed) != 64 or claimed.strip("0123456789abcdef"):
+            raise PatternError(f"hash: must be 64 lowercase hex digits, got {claimed!r}")
+        if claimed != self.hash:
+            raise PatternError(
+                f"hash: {claimed[:12]}... does not match the content ({self.hash[:12]}...): "
+                "the file was edited or corrupted"
+            )
+
     def __reduce__(self):
         return (type(self), (self.kind, [_plain(site) for site in self.sites], self.space))
 
@@ -62,7 +73,9 @@ class Pattern:
         return len(self.sites)
 
     # dict / JSON / YAML -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, with_hash: bool = False) -> dict[str, Any]:
+        """The pattern as plain data; ``with_hash`` adds the ``hash`` that guards exported
+        files against edits (it is checked whenever such a file is read)."""
         data: dict[str, Any] = {
             "format": FORMAT,
             "kind": self.kind,
@@ -70,16 +83,18 @@ class Pattern:
         }
         if self.space is not None:
             data["space"] = self.space
+        if with_hash:
+            data["hash"] = self.hash
         return data
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, shortest round-trip float repr."""
         return _canonical(self.to_dict())
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, with_hash: bool = False) -> str:
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=True, default_flow_style=False)
+        return yaml.safe_dump(self.to_dict(with_hash), sort_keys=True, default_flow_style=False)
 
     @classmethod
     def from_dict(cls, data: Any, source: str | None = None) -> Pattern:
@@ -96,7 +111,10 @@ class Pattern:
                 raise PatternError("kind: missing")
             if "sites" not in data:
                 raise PatternError("sites: missing")
-            return cls(kind=data["kind"], sites=data["sites"], space=data.get("space"))
+            pattern = cls(kind=data["kind"], sites=data["sites"], space=data.get("space"))
+            if "hash" in data:
+                pattern.check_hash(data["hash"])
+            return pattern
         except PatternError as error:
             raise PatternError(f"{prefix}{error}") from None
 
@@ -131,6 +149,8 @@ class Pattern:
             text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise PatternError(f"{path}: cannot read ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise PatternError(f"{path}: not a UTF-8 text file") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             return cls.from_yaml(text, str(path))
         return cls.from_json(text, str(path))

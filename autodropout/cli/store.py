@@ -1,0 +1,553 @@
+"""``autodropout patterns ...`` and ``autodropout searches ...``: the pattern store from a shell.
+
+Every command takes ``--db URL`` (a SQLAlchemy URL or a SQLite file; default
+``$AUTODROPOUT_DB``, else ``$XDG_DATA_HOME/autodropout/patterns.db``). Exit codes: 0 ok,
+1 not found, 2 bad input.
+
+``--json`` output is a stable interface for scripts: keys are only ever added, never renamed
+or removed. Times are ISO 8601 UTC strings, rewards and metric values numbers (``null``
+when absent), hashes full 64-digit SHA-256 hex.
+
+* ``patterns list --json``: a list, best first, of
+  ``{"id", "hash", "kind", "reward", "search", "trial", "space", "dataset", "model", "tags"}``.
+* ``patterns show REF --json``: ``{"id", "hash", "kind", "space", "tags", "created_at",
+  "pattern", "best_reward", "trials", "final_evaluations"}``; ``pattern`` is the exported
+  pattern object, ``trials`` a list of ``{"search", "trial", "reward", "status"}`` (best
+  first), ``final_evaluations`` a list of ``{"subject", "dataset", "model", "metric", "seed",
+  "value"}`` where ``subject`` is ``"pattern"`` or ``"baseline:<name>"`` (baselines on the
+  pattern's datasets and models).
+* ``patterns import FILE --json``: ``{"id", "hash", "kind", "tags"}``.
+* ``searches list --json``: a list, oldest first, of ``{"name", "space", "dataset", "model",
+  "status", "host", "started_at", "finished_at", "trials", "trials_by_status",
+  "best_reward", "best_trial", "best_hash"}``.
+* ``searches show NAME --json``: the same object plus ``"controller_settings"`` and
+  ``"curve"``, a list of ``{"trial", "status", "reward", "best_so_far"}`` in trial order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from autodropout.errors import BadInput
+
+_, _json_title, _json_body = (__doc__ or "").partition("``--json`` output")
+JSON_HELP = (_json_title + _json_body).replace("``", "")
+DEFAULT_TOP = 10
+DEFAULT_SHAPES = {"conv": (1, 32, 32), "sequence": (32, 64)}
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db",
+        metavar="URL",
+        help="SQLAlchemy URL or SQLite file (default: $AUTODROPOUT_DB, "
+        "else $XDG_DATA_HOME/autodropout/patterns.db)",
+    )
+    _register_patterns(commands, common)
+    _register_searches(commands, common)
+
+
+def _register_patterns(
+    commands: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    group = commands.add_parser(
+        "patterns",
+        epilog=JSON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="list, show, export, import and tag stored patterns",
+        description="Stored dropout patterns. REF is a tag, a pattern id or a hash prefix.",
+    )
+    sub = group.add_subparsers(dest="patterns_command", metavar="COMMAND", required=True)
+
+    listing = sub.add_parser("list", parents=[common], help="the best patterns, as a table")
+    listing.add_argument("--space", help="only trials of searches over this space")
+    listing.add_argument("--dataset", help="only trials on this dataset")
+    listing.add_argument("--model", help="only trials of this model")
+    listing.add_argument("--search", help="only trials of this search")
+    listing.add_argument("--kind", choices=("conv", "sequence"), help="only this kind")
+    listing.add_argument("--min-reward", type=float, metavar="R", help="only rewards >= R")
+    listing.add_argument(
+        "--top",
+        type=_positive_int,
+        default=DEFAULT_TOP,
+        metavar="K",
+        help=f"how many patterns (default {DEFAULT_TOP})",
+    )
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_patterns_list)
+
+    show = sub.add_parser(
+        "show", parents=[common], help="parameters, provenance, reward and final evaluations"
+    )
+    show.add_argument("ref", metavar="REF")
+    show.add_argument("--png", metavar="FILE", help="also render the pattern's masks to FILE")
+    show.add_argument(
+        "--shape",
+        type=_shape,
+        metavar="DIMS",
+        help="activation shape for --png: C,H,W (conv, default 1,32,32) or "
+        "T,C (sequence, default 32,64)",
+    )
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=_patterns_show)
+
+    export = sub.add_parser("export", parents=[common], help="write a pattern file")
+    export.add_argument("ref", metavar="REF")
+    export.add_argument(
+        "--format",
+        choices=("json", "yaml"),
+        help="file format (default: from -o's suffix, else json)",
+    )
+    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    export.set_defaults(handler=_patterns_export)
+
+    load = sub.add_parser("import", parents=[common], help="validate and store a pattern file")
+    load.add_argument("file", metavar="FILE")
+    load.add_argument("--json", action="store_true", help="machine-readable output")
+    load.set_defaults(handler=_patterns_import)
+
+    tag = sub.add_parser("tag", parents=[common], help="point tag NAME at the pattern REF")
+    tag.add_argument("ref", metavar="REF")
+    tag.add_argument("name", metavar="NAME")
+    tag.set_defaults(handler=_patterns_tag)
+
+
+def _register_searches(
+    commands: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    group = commands.add_parser(
+        "searches",
+        epilog=JSON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="list and inspect pattern searches",
+        description="Pattern searches recorded in the store.",
+    )
+    sub = group.add_subparsers(dest="searches_command", metavar="COMMAND", required=True)
+
+    listing = sub.add_parser("list", parents=[common], help="every search and its progress")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_searches_list)
+
+    show = sub.add_parser(
+        "show", parents=[common], help="trials done, best so far, the reward-over-trials curve"
+    )
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--png", metavar="FILE", help="also plot reward over trials to FILE")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=_searches_show)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers like 1,32,32; got {text!r}")
+    return dims
+
+
+def _open(args: argparse.Namespace, create: bool = False):
+    from patterns_db import PatternStore
+
+    return PatternStore(args.db, create=create)
+
+
+# patterns ---------------------------------------------------------------------------------
+def _patterns_list(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        ranked = store.best(
+            args.top,
+            kind=args.kind,
+            space=args.space,
+            dataset=args.dataset,
+            model=args.model,
+            search=args.search,
+            min_reward=args.min_reward,
+        )
+    rows = [
+        {
+            "id": hit.record.id,
+            "hash": hit.record.hash,
+            "kind": hit.record.kind,
+            "reward": hit.reward,
+            "search": hit.search,
+            "trial": hit.trial_id,
+            "space": hit.space,
+            "dataset": hit.dataset,
+            "model": hit.model,
+            "tags": list(hit.record.tags),
+        }
+        for hit in ranked
+    ]
+    if args.json:
+        return _print_json(rows)
+    if not rows:
+        print("no completed trials match")
+        return 0
+    header = (
+        "ID",
+        "HASH",
+        "KIND",
+        "REWARD",
+        "SEARCH",
+        "TRIAL",
+        "SPACE",
+        "DATASET",
+        "MODEL",
+        "TAGS",
+    )
+    body = [
+        (
+            str(row["id"]),
+            row["hash"][:12],
+            row["kind"],
+            _number(row["reward"]),
+            row["search"],
+            row["trial"],
+            row["space"],
+            row["dataset"],
+            row["model"],
+            ",".join(row["tags"]),
+        )
+        for row in rows
+    ]
+    _print_table(header, body, right=("ID", "REWARD"))
+    return 0
+
+
+def _patterns_show(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        record = store.resolve(args.ref)
+        trials = store.pattern_trials(record.id)
+        evaluations = store.final_evaluations(record.id)
+        baselines = [
+            evaluation
+            for dataset, model in sorted({(e.dataset, e.model) for e in evaluations})
+            for evaluation in store.final_evaluations(
+                dataset=dataset, model=model, baselines_only=True
+            )
+        ]
+    rewards = [
+        trial.reward for trial in trials if trial.status == "completed" and trial.reward is not None
+    ]
+    if args.png:
+        _render(record.pattern, args.shape, args.png)
+    summary = {
+        "id": record.id,
+        "hash": record.hash,
+        "kind": record.kind,
+        "space": record.pattern.space,
+        "tags": list(record.tags),
+        "created_at": record.created_at.isoformat(),
+        "pattern": {**record.pattern.to_dict(), "hash": record.hash},
+        "best_reward": max(rewards, default=None),
+        "trials": [
+            {"search": t.search, "trial": t.trial_id, "reward": t.reward, "status": t.status}
+            for t in trials
+        ],
+        "final_evaluations": [_evaluation_json(e) for e in evaluations + baselines],
+    }
+    if args.json:
+        return _print_json(summary)
+    _print_pattern(summary, record.pattern)
+    if args.png:
+        print(f"\nmasks rendered to {args.png}")
+    return 0
+
+
+def _render(pattern: Any, shape: tuple[int, ...] | None, path: str) -> None:
+    from autodropout import render
+
+    try:
+        render(pattern, shape or DEFAULT_SHAPES[pattern.kind], path)
+    except ValueError as error:
+        raise BadInput(f"--shape: {error}") from None
+    except OSError as error:
+        raise BadInput(f"--png: cannot write {path} ({error.strerror})") from None
+
+
+def _evaluation_json(evaluation: Any) -> dict[str, Any]:
+    subject = "pattern" if evaluation.baseline is None else f"baseline:{evaluation.baseline}"
+    return {
+        "subject": subject,
+        "dataset": evaluation.dataset,
+        "model": evaluation.model,
+        "metric": evaluation.metric,
+        "seed": evaluation.seed,
+        "value": evaluation.value,
+    }
+
+
+def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
+    print(f"pattern {summary['id']}  {summary['hash']}")
+    _print_fields(
+        [
+            ("kind", summary["kind"]),
+            ("space", summary["space"] or "-"),
+            ("tags", ", ".join(summary["tags"]) or "-"),
+            ("stored", summary["created_at"]),
+            ("best reward", _number(summary["best_reward"])),
+        ]
+    )
+    print(f"\nsites ({len(pattern.sites)}):")
+    for index, site in enumerate(pattern.sites):
+        values = " ".join(f"{name}={_value(value)}" for name, value in site.items())
+        print(f"  [{index}] {values}")
+    trials = summary["trials"]
+    print(f"\nprovenance ({len(trials)} trial{'s' if len(trials) != 1 else ''}):")
+    if trials:
+        _print_table(
+            ("SEARCH", "TRIAL", "STATUS", "REWARD"),
+            [(t["search"], t["trial"], t["status"], _number(t["reward"])) for t in trials],
+            right=("REWARD",),
+            indent="  ",
+        )
+    print("\nfinal evaluations:")
+    groups: dict[tuple[str, str, str, str], list[float]] = {}
+    for item in summary["final_evaluations"]:
+        key = (item["dataset"], item["model"], item["metric"], item["subject"])
+        groups.setdefault(key, []).append(item["value"])
+    if not groups:
+        print("  none")
+        return
+    _print_table(
+        ("DATASET", "MODEL", "METRIC", "SUBJECT", "SEEDS", "MEAN", "STD"),
+        [
+            (
+                *key,
+                str(len(values)),
+                _number(statistics.fmean(values)),
+                _number(statistics.stdev(values)) if len(values) > 1 else "-",
+            )
+            for key, values in sorted(groups.items(), key=_pattern_first)
+        ],
+        right=("SEEDS", "MEAN", "STD"),
+        indent="  ",
+    )
+
+
+def _pattern_first(item: tuple[tuple[str, ...], list[float]]) -> tuple:
+    (dataset, model, metric, subject), _ = item
+    return dataset, model, metric, subject != "pattern", subject
+
+
+def _patterns_export(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        text = store.export(args.ref, args.format, args.output)
+    if args.output:
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _patterns_import(args: argparse.Namespace) -> int:
+    from autodropout.load import read_pattern_file
+
+    pattern = read_pattern_file(args.file)  # refused files never open the store
+    with _open(args, create=True) as store:
+        record = store.add_pattern(pattern)
+    if args.json:
+        return _print_json(
+            {"id": record.id, "hash": record.hash, "kind": record.kind, "tags": list(record.tags)}
+        )
+    print(f"imported pattern {record.id}  {record.hash}")
+    return 0
+
+
+def _patterns_tag(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        record = store.tag(args.ref, args.name)
+    print(f"tag {args.name} -> pattern {record.id}  {record.hash}")
+    return 0
+
+
+# searches ---------------------------------------------------------------------------------
+def _search_json(summary: Any) -> dict[str, Any]:
+    search = summary.search
+    return {
+        "name": search.name,
+        "space": search.space_name,
+        "dataset": search.dataset,
+        "model": search.model,
+        "status": search.status,
+        "host": search.host,
+        "started_at": search.started_at.isoformat(),
+        "finished_at": search.finished_at.isoformat() if search.finished_at else None,
+        "trials": summary.trials,
+        "trials_by_status": dict(sorted(summary.trial_counts.items())),
+        "best_reward": summary.best_reward,
+        "best_trial": summary.best_trial_id,
+        "best_hash": summary.best_pattern_hash,
+    }
+
+
+def _searches_list(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        rows = [_search_json(summary) for summary in store.searches()]
+    if args.json:
+        return _print_json(rows)
+    if not rows:
+        print("no searches")
+        return 0
+    _print_table(
+        ("NAME", "STATUS", "SPACE", "DATASET", "MODEL", "TRIALS", "BEST", "STARTED"),
+        [
+            (
+                r["name"],
+                r["status"],
+                r["space"],
+                r["dataset"],
+                r["model"],
+                str(r["trials"]),
+                _number(r["best_reward"]),
+                r["started_at"][:19].replace("T", " "),
+            )
+            for r in rows
+        ],
+        right=("TRIALS", "BEST"),
+    )
+    return 0
+
+
+def _searches_show(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        summary = store.search_summary(args.name)
+        trials = store.trials(args.name, with_metrics=False)
+    curve = _reward_curve(trials)
+    if args.png:
+        _plot_curve(args.name, curve, args.png)
+    result = {
+        **_search_json(summary),
+        "controller_settings": summary.search.controller_settings,
+        "curve": curve,
+    }
+    if args.json:
+        return _print_json(result)
+    counts = ", ".join(f"{status} {n}" for status, n in result["trials_by_status"].items())
+    best = "-"
+    if result["best_reward"] is not None:
+        best = (
+            f"{_number(result['best_reward'])}  trial {result['best_trial']}  "
+            f"pattern {result['best_hash'][:12]}"
+        )
+    print(f"search {result['name']}")
+    _print_fields(
+        [
+            ("status", result["status"]),
+            ("space", result["space"]),
+            ("dataset", result["dataset"]),
+            ("model", result["model"]),
+            ("host", result["host"] or "-"),
+            ("started", result["started_at"]),
+            ("finished", result["finished_at"] or "-"),
+            ("trials", f"{result['trials']} ({counts})" if counts else "0"),
+            ("best so far", best),
+            ("controller", json.dumps(result["controller_settings"], sort_keys=True)),
+        ]
+    )
+    if args.png:
+        print(f"\nreward curve plotted to {args.png}")
+    return 0
+
+
+def _reward_curve(trials: Sequence[Any]) -> list[dict[str, Any]]:
+    curve, best = [], None
+    for trial in trials:
+        if trial.status == "completed" and trial.reward is not None:
+            best = trial.reward if best is None else max(best, trial.reward)
+        curve.append(
+            {
+                "trial": trial.trial_id,
+                "status": trial.status,
+                "reward": trial.reward,
+                "best_so_far": best,
+            }
+        )
+    return curve
+
+
+def _plot_curve(name: str, curve: list[dict[str, Any]], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    done = [
+        (i, p["reward"])
+        for i, p in enumerate(curve, 1)
+        if p["status"] == "completed" and p["reward"] is not None
+    ]
+    best = [(i, p["best_so_far"]) for i, p in enumerate(curve, 1) if p["best_so_far"] is not None]
+    if done:
+        ax.scatter(*zip(*done, strict=True), s=10, alpha=0.5, label="completed trial")
+        ax.step(*zip(*best, strict=True), where="post", color="C3", label="best so far")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("trial (in order recorded)")
+    ax.set_ylabel("reward")
+    ax.set_title(f"search {name}: reward over trials")
+    ax.grid(alpha=0.3)
+    try:
+        figure.savefig(path, format="png", dpi=100)
+    except OSError as error:
+        raise BadInput(f"--png: cannot write {path} ({error.strerror})") from None
+
+
+# output -----------------------------------------------------------------------------------
+def _print_json(data: Any) -> int:
+    print(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
+    return 0
+
+
+def _number(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _print_fields(fields: Sequence[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name:<{width}}  {value}")
+
+
+def _print_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    right: Sequence[str] = (),
+    indent: str = "",
+) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        cells = [
+            f"{cell:>{width}}" if name in right else f"{cell:<{width}}"
+            for name, cell, width in zip(header, row, widths, strict=True)
+        ]
+        print(indent + "  ".join(cells).rstrip())
