@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from scipy import integrate, stats
 from stats import assert_fraction, assert_mean
 from torch import nn
+from toy_tasks import blobs, eval_loss, stripes
 
 from autodropout.layers.base import DropoutLayer
 from autodropout.layers.mc import mc_dropout
@@ -335,18 +336,8 @@ def test_torch_compile_training_forward():
 # --- a real (tiny) training run with each layer in place -----------------------------------
 
 
-def blobs(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(n, 10)
-    return x, (x[:, :3].sum(1) > 0).long()
 
 
-def stripes(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """8x8 images: horizontal stripes (class 1) or vertical ones (class 0), plus noise."""
-    labels = torch.randint(0, 2, (n,))
-    wave = torch.cos(torch.arange(8.0) * math.pi)
-    horizontal, vertical = wave.view(8, 1).expand(8, 8), wave.view(1, 8).expand(8, 8)
-    images = torch.where(labels.view(-1, 1, 1) == 1, horizontal, vertical)
-    return (images + 0.5 * torch.randn(n, 8, 8)).unsqueeze(1), labels
 
 
 def sequences(n: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,12 +373,6 @@ TASKS = {
 }
 
 
-def eval_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        loss = F.cross_entropy(model(x), labels).item()
-    model.train()
-    return loss
 
 
 @pytest.mark.parametrize("name", TASKS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .output import print_table
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     spaces = commands.add_parser("spaces", help="list and show search spaces")
@@ -18,14 +20,15 @@ def register(commands: argparse._SubParsersAction) -> None:
 def list_spaces(args: argparse.Namespace) -> int:
     import search_spaces
 
-    rows = [("NAME", "KIND", "SITES", "DECISIONS", "LOG10 SIZE", "DESCRIPTION")]
+    header = ("NAME", "KIND", "SITES", "DECISIONS", "LOG10 SIZE", "DESCRIPTION")
+    rows = []
     for name in search_spaces.available():
         space = search_spaces.load(name)
         rows.append(
             (name, space.kind, str(space.num_sites), str(len(space.decisions)),
              f"{space.log10_size:.1f}", space.description)
         )
-    print_table(rows)
+    print_table(header, rows)
     return 0
 
 
@@ -56,10 +59,3 @@ def _format(choice: object) -> str:
     if isinstance(choice, bool):
         return str(choice).lower()
     return f"{choice:g}" if isinstance(choice, float) else str(choice)
-
-
-def print_table(rows: list[tuple[str, ...]]) -> None:
-    """Print rows as left-aligned columns; the first row is the header."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

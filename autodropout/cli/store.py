@@ -36,6 +36,8 @@ from typing import Any
 
 from autodropout.errors import BadInput
 
+from .output import print_fields, print_table
+
 _, _json_title, _json_body = (__doc__ or "").partition("``--json`` output")
 JSON_HELP = (_json_title + _json_body).replace("``", "")
 DEFAULT_TOP = 10
@@ -229,7 +231,7 @@ def _patterns_list(args: argparse.Namespace) -> int:
         )
         for row in rows
     ]
-    _print_table(header, body, right=("ID", "REWARD"))
+    print_table(header, body, right=("ID", "REWARD"))
     return 0
 
 
@@ -298,7 +300,7 @@ def _evaluation_json(evaluation: Any) -> dict[str, Any]:
 
 def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
     print(f"pattern {summary['id']}  {summary['hash']}")
-    _print_fields(
+    print_fields(
         [
             ("kind", summary["kind"]),
             ("space", summary["space"] or "-"),
@@ -314,7 +316,7 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
     trials = summary["trials"]
     print(f"\nprovenance ({len(trials)} trial{'s' if len(trials) != 1 else ''}):")
     if trials:
-        _print_table(
+        print_table(
             ("SEARCH", "TRIAL", "STATUS", "REWARD"),
             [(t["search"], t["trial"], t["status"], _number(t["reward"])) for t in trials],
             right=("REWARD",),
@@ -328,7 +330,7 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
     if not groups:
         print("  none")
         return
-    _print_table(
+    print_table(
         ("DATASET", "MODEL", "METRIC", "SUBJECT", "SEEDS", "MEAN", "STD"),
         [
             (
@@ -408,7 +410,7 @@ def _searches_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no searches")
         return 0
-    _print_table(
+    print_table(
         ("NAME", "STATUS", "SPACE", "DATASET", "MODEL", "TRIALS", "BEST", "STARTED"),
         [
             (
@@ -450,7 +452,7 @@ def _searches_show(args: argparse.Namespace) -> int:
             f"pattern {result['best_hash'][:12]}"
         )
     print(f"search {result['name']}")
-    _print_fields(
+    print_fields(
         [
             ("status", result["status"]),
             ("space", result["space"]),
@@ -532,22 +534,3 @@ def _value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _print_fields(fields: Sequence[tuple[str, str]]) -> None:
-    width = max(len(name) for name, _ in fields)
-    for name, value in fields:
-        print(f"{name:<{width}}  {value}")
-
-
-def _print_table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    right: Sequence[str] = (),
-    indent: str = "",
-) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    for row in (header, *rows):
-        cells = [
-            f"{cell:>{width}}" if name in right else f"{cell:<{width}}"
-            for name, cell, width in zip(header, row, widths, strict=True)
-        ]
-        print(indent + "  ".join(cells).rstrip())

@@ -67,7 +67,7 @@ class DropBlock2d(KeepMaskDropout):
 
     def forward(self, x: Tensor) -> Tensor:
         output = super().forward(x)
-        if self.training and self.warmup_steps > 0:
+        if self.updates_state and self.warmup_steps > 0:
             self.steps.add_(1)
         return output
 
