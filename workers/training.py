@@ -136,7 +136,7 @@ def train_child(model: nn.Module, pattern: Pattern | None, sites: Any, data: Hol
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    task = (_ImageTask if isinstance(data.train, Images) else _TextTask)(data, budget, device)
+    task = _task_for(data, budget, device)
     optimizer = task.optimizer(model)
     steps = budget.epochs * task.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -164,6 +164,23 @@ def train_child(model: nn.Module, pattern: Pattern | None, sites: Any, data: Hol
         if handle is not None:
             handle.remove()
     return metrics
+
+
+@torch.no_grad()
+def evaluate_child(model: nn.Module, data: Holdout, budget: Budget | Mapping[str, Any],
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """Score ``model`` on ``data.validation`` exactly as :func:`train_child` validates
+    (images standardised with ``data.train``'s statistics): ``val_loss`` and
+    ``val_accuracy`` (images) or ``val_perplexity`` (text), in eval mode."""
+    budget = budget if isinstance(budget, Budget) else Budget.from_mapping(budget)
+    was_training = model.training
+    metrics = _task_for(data, budget, torch.device(device)).evaluate(model.to(device))
+    model.train(was_training)
+    return metrics
+
+
+def _task_for(data: Holdout, budget: Budget, device: torch.device) -> _Task:
+    return (_ImageTask if isinstance(data.train, Images) else _TextTask)(data, budget, device)
 
 
 def _train_epoch(model: nn.Module, task: _Task, optimizer: torch.optim.Optimizer,
