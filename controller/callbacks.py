@@ -33,6 +33,8 @@ class StoreCallback(Callback):
         self.search = search
         self.searcher = searcher
         self.metrics: dict[str, list[dict[str, float]]] = {}
+        self.experiment_saves = 0
+        self.started_at_save: dict[str, int] = {}
         self._store = None
 
     @property
@@ -48,6 +50,7 @@ class StoreCallback(Callback):
 
     def get_state(self) -> dict[str, Any]:
         """Checkpointed by Tune with the experiment, so a resumed trial keeps its history."""
+        self.experiment_saves += 1  # Tune calls this as it saves the experiment, trials included
         return {"metrics": self.metrics}
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -56,9 +59,19 @@ class StoreCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = {key: float(value) for key, value in result.items()
                 if isinstance(value, Real) and not isinstance(value, bool) and key in _STEP_METRICS}
-        step["step"] = float(result.get("training_iteration", len(self.metrics.get(trial.trial_id, ())) + 1))
-        self.metrics.setdefault(trial.trial_id, []).append(step)
-        self._record(trial, result, "running")
+        history = self.metrics.get(trial.trial_id, [])
+        step["step"] = float(result.get("training_iteration", len(history) + 1))
+        # A retried or resumed trial starts again from its first step (or its checkpoint's):
+        # keep the history of the attempt that counts.
+        history = [earlier for earlier in history if earlier["step"] < step["step"]]
+        self.metrics[trial.trial_id] = [*history, step]
+        # A trial that Tune has not saved yet would be unknown to a resumed search if the driver
+        # died now: record it from its next report on (each record holds the whole history).
+        if self.started_at_save.get(trial.trial_id, -1) < self.experiment_saves:
+            self._record(trial, result, "running")
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.started_at_save[trial.trial_id] = self.experiment_saves
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}

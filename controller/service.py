@@ -21,6 +21,7 @@ from .controllers import RandomController, RLController, deserialize_state
 from .searcher import PatternSearcher
 
 CONTROLLERS = ("rl", "random")
+EXPERIMENT_SAVE_PERIOD_S = 1.0
 
 
 @dataclass
@@ -69,22 +70,16 @@ def experiments_root(options: SearchOptions) -> Path:
 
 
 def run_search(options: SearchOptions) -> SearchResult:
-    import search_spaces
     from patterns_db import PatternStore
-    from workers.datasets import LOADERS
 
     check_options(options)
-    space = search_spaces.load(options.space)
-    budget = {**space.budget}
-    dataset = options.dataset or budget.get("dataset")
-    model = options.model or budget.get("model")
-    if dataset not in LOADERS:
-        raise BadInput(f"--dataset: unknown dataset {dataset!r}; known: {', '.join(sorted(LOADERS))}")
-    budget.update(dataset=dataset, model=model)
-    if options.epochs is not None:
-        budget["epochs"] = options.epochs
+    task = None if options.resume else new_task(options)  # bad input fails before the store opens
     store = PatternStore(options.db)
     try:
+        space, dataset, model = task or resumed_task(options, store)
+        budget = {**space.budget, "dataset": dataset, "model": model}
+        if options.epochs is not None:
+            budget["epochs"] = options.epochs
         name = resolve_name(options, store, space.name, dataset)
         start_ray(options.address)
         return _search(options, space, budget, dataset, model, name, store)
@@ -102,6 +97,37 @@ def check_options(options: SearchOptions) -> None:
         raise BadInput(f"--epochs: must be at least 1, got {options.epochs}")
     if options.resume and options.name and options.name != options.resume:
         raise BadInput("--name and --resume name different searches; pass one of them")
+
+
+def new_task(options: SearchOptions):
+    """The space, dataset and model a new search trains, from its options and the space."""
+    import search_spaces
+    from workers.datasets import LOADERS
+
+    space = search_spaces.load(options.space)
+    dataset = options.dataset or space.budget.get("dataset")
+    model = options.model or space.budget.get("model")
+    if dataset not in LOADERS:
+        raise BadInput(f"--dataset: unknown dataset {dataset!r}; known: {', '.join(sorted(LOADERS))}")
+    return space, dataset, model
+
+
+def resumed_task(options: SearchOptions, store):
+    """A resumed search trains what it trained before: its space (as it was then), dataset and
+    model come from the store, so ``--resume NAME`` needs no other flag."""
+    import search_spaces
+    from autodropout.errors import NotFound
+
+    try:
+        record = store.get_search(options.resume)
+    except NotFound:
+        raise BadInput(f"--resume: no search named {options.resume!r} in {store.url}") from None
+    for flag, given, stored in (("--dataset", options.dataset, record.dataset),
+                                ("--model", options.model, record.model)):
+        if given and given != stored:
+            raise BadInput(f"{flag}: search {record.name!r} trains on {stored!r}, not {given!r}")
+    space = search_spaces.parse(record.space_yaml, source=f"search {record.name!r}")
+    return space, record.dataset, record.model
 
 
 def resolve_name(options: SearchOptions, store, space_name: str, dataset: str) -> str:
@@ -184,6 +210,10 @@ def _search(options, space, budget, dataset, model, name, store) -> SearchResult
     from .callbacks import ProgressCallback, StoreCallback
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress bar replaces Tune's tables
+    # Save the experiment (trials, searcher, callbacks) every second rather than every 10 s:
+    # `--resume` after a killed driver then redoes at most a second of bookkeeping, and
+    # StoreCallback records a trial only once a save holds it. A save takes ~10 ms.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_SAVE_PERIOD_S))
     started = time.monotonic()
     data = load_dataset(dataset, data_dir=options.data_dir)
     controller = build_controller(options, space, store, name)
@@ -193,7 +223,8 @@ def _search(options, space, budget, dataset, model, name, store) -> SearchResult
         make_trainable(data),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
     )
-    settings = {"controller": options.controller, "seed": options.seed, **getattr(controller, "settings", {})}
+    settings = {"controller": options.controller, "seed": options.seed, "trials": options.trials,
+                **getattr(controller, "settings", {})}
     store.create_search(name, space.name, space.yaml_text, dataset, model, settings,
                         resume=bool(options.resume))
     callbacks = [StoreCallback(options.db, name, searcher)]
@@ -231,7 +262,9 @@ def _search(options, space, budget, dataset, model, name, store) -> SearchResult
     status = "failed"
     try:
         tuner.fit()
-        status = "completed" if finished_trials(store, name) >= options.trials else "stopped"
+        # a resumed search keeps the trial count it was started with
+        wanted = store.get_search(name).controller_settings.get("trials", options.trials)
+        status = "completed" if finished_trials(store, name) >= wanted else "stopped"
     except KeyboardInterrupt:
         status = "stopped"
         raise

@@ -31,7 +31,7 @@ def ray_session():
     """A real local Ray with 2 CPUs, shared by every test that needs it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

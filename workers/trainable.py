@@ -13,9 +13,9 @@
   they may be downloaded, when the trial loads them itself.
 
 Every epoch is reported with ``ray.tune.report``: the metrics of
-:func:`workers.training.train_child` plus ``node``, ``device``, ``threads``,
-``pattern_hash`` and ``duration`` (seconds since the trial started). The last report has
-``final: True`` and the trial's ``reward``.
+:func:`workers.training.train_child` plus ``node``, ``pid`` (the worker process),
+``device``, ``threads``, ``pattern_hash`` and ``duration`` (seconds since the trial
+started). The last report has ``final: True`` and the trial's ``reward``.
 
 Load the dataset once on the driver and share it through the object store with
 :func:`make_trainable`; without it, each trial loads the dataset itself.
@@ -23,6 +23,7 @@ Load the dataset once on the driver and share it through the object store with
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -65,8 +66,8 @@ def pattern_trainable(config: dict[str, Any], data: DatasetBundle | None = None)
     )
     holdout = validation_split(data.train, budget.validation_examples, budget.train_examples,
                                seed=config.get("split_seed", 0))
-    constants = {"node": ray.util.get_node_ip_address(), "device": str(device),
-                 "threads": threads, "pattern_hash": pattern.hash}
+    constants = {"node": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                 "device": str(device), "threads": threads, "pattern_hash": pattern.hash}
 
     def report(metrics: dict[str, Any]) -> None:
         tune.report({**metrics, **constants, "duration": time.perf_counter() - started})
