@@ -505,3 +505,19 @@ def test_a_patterned_language_model_learns():
                             lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()),
                             steps=60, lr=3e-3)
     assert after < 0.5 * before
+
+
+def test_conv_sites_mapping_gives_each_site_its_own_selector():
+    model = WideResNet(depth=16, width=1)
+    pattern = ad.Pattern("conv", [conv_site(stride=4), conv_site(stride=8)])
+    rest = ["group2.*.bn*", "group3.*.bn*", "bn"]
+    handle = ad.apply_pattern(model, pattern, {0: "group1.*.bn*", 1: rest})
+    strides = {name: layer.site["stride"] for name, layer in handle.dropouts.items()}
+    assert [n for n, s in strides.items() if s == 4] == [
+        f"group1.{b}.bn{i}" for b in (0, 1) for i in (1, 2)]
+    assert "bn" in strides and all(strides[n] == 8 for n in strides if not n.startswith("group1"))
+    handle.remove()
+    with pytest.raises(ValueError, match=r"one selector per site index 0..1, got keys \[0\]"):
+        ad.apply_pattern(model, pattern, {0: "group1.*.bn*"})
+    with pytest.raises(ValueError, match=r"group1.0.bn1 is selected by both site 0 and site 1"):
+        ad.apply_pattern(model, pattern, {0: "group1.*.bn*", 1: nn.BatchNorm2d})

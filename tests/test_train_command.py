@@ -12,6 +12,7 @@ import statistics
 import pytest
 import torch
 
+import autodropout as ad
 import search_spaces
 from autodropout.cli import build_parser, main
 from autodropout.cli.train import BASELINE_HELP
@@ -76,15 +77,17 @@ def test_a_pattern_file_is_stored_with_its_results(db, pattern, tmp_path, monkey
     with PatternStore(db) as store:
         assert [e.seed for e in store.final_evaluations(pattern.hash[:12])] == [0, 1]
     # the space's per-stage globs put each site on its stage's BatchNorms
-    sites = trained[0]["sites"]
-    assert len(sites) == 6 and all(name.startswith("group") for name in sites)
+    first = trained[0]
+    handle = ad.apply_pattern(first["model"], first["pattern"], first["sites"])
+    assert len(handle.module_names) == 6
+    assert all(name.startswith("group") for name in handle.module_names)
 
 
 def fake_training(monkeypatch, calls: list) -> None:
     """Record what train_child trains on and evaluate_child scores, without training."""
     def train_child(model, pattern, sites, data, budget, device, seed, report):
         calls.append({"train": data.train, "monitor": data.validation, "sites": sites,
-                      "budget": budget, "seed": seed})
+                      "budget": budget, "seed": seed, "model": model, "pattern": pattern})
         return {"val_accuracy": 0.9, "val_loss": 0.1, "epoch": budget.epochs, "diverged": False}
 
     def evaluate_child(model, data, budget, device):

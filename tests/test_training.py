@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import search_spaces
+from autodropout.patterns import apply_pattern
 from workers.datasets import load_dataset, validation_split
 from workers.models import GPTLanguageModel, build_model
-from workers.training import Budget, bind_site_modules, reward_from_perplexity, train_child
+from workers.training import Budget, reward_from_perplexity, site_selectors, train_child
 
 REQUIRED = {"epoch", "train_loss", "val_accuracy", "reward", "final", "diverged", "reason"}
 BUDGET = {"model": "tiny", "dataset": "synthetic", "epochs": 2, "train_examples": 256,
@@ -115,28 +116,33 @@ def test_reward_from_perplexity():
     assert reward_from_perplexity(math.nan) == 0.0
 
 
-def test_bind_site_modules_puts_each_site_on_its_stage():
+STAGES = ("group1.*.bn*", "group2.*.bn*", "group3.*.bn*")
+
+
+def test_site_selectors_put_each_site_on_its_stage():
     space = search_spaces.load("convnet")
     pattern = space.decode([0] * len(space.decisions))
+    assert space.site_modules == STAGES
     model = build_model("wide_resnet", seed=0, depth=10, width=1)
-    expanded, sites = bind_site_modules(model, pattern, ("group1.*", "group2.*", "group3.*"))
-    assert sites == [f"group{g}.0.bn{i}" for g in (1, 2, 3) for i in (1, 2)]
-    assert [dict(s) for s in expanded.sites] == [dict(pattern.sites[g]) for g in (0, 0, 1, 1, 2, 2)]
-    assert bind_site_modules(model, pattern, (None, None, None)) == (pattern, None)
+    handle = apply_pattern(model, pattern, site_selectors(pattern, STAGES))
+    names = [f"group{g}.0.bn{i}" for g in (1, 2, 3) for i in (1, 2)]
+    assert handle.module_names == names
+    assert [dict(handle.dropouts[name].site) for name in names] == [
+        dict(pattern.sites[g]) for g in (0, 0, 1, 1, 2, 2)]
+    assert site_selectors(pattern, (None, None, None)) is None
 
 
 @pytest.mark.parametrize("globs, match", [
-    (("block1.*", "group2.*", "group3.*"), r"site_modules\[0\]: 'block1\.\*' matches no "
-                                           r"BatchNorm2d of WideResNet \(they are named group1"),
-    (("group*", "group2.*", "group3.*"), r"group2\.0\.bn1 matches both site 0 and site 1"),
-    (("group1.*", None, "group3.*"), "a glob for each of the pattern's 3 sites"),
+    (("block1.*", "group2.*.bn*", "group3.*.bn*"), r"sites\[0\]: selector 'block1\.\*' matches no module"),
+    (("group*.bn*", "group2.*.bn*", "group3.*.bn*"), r"group2\.0\.bn1 is selected by both site 0 and site 1"),
+    (("group1.*.bn*", None, "group3.*.bn*"), "a glob for each of the pattern's 3 sites"),
 ])
-def test_bind_site_modules_errors(globs, match):
+def test_site_selector_errors(globs, match):
     space = search_spaces.load("convnet")
     pattern = space.decode([0] * len(space.decisions))
     model = build_model("wide_resnet", seed=0, depth=10, width=1)
     with pytest.raises(ValueError, match=match):
-        bind_site_modules(model, pattern, globs)
+        apply_pattern(model, pattern, site_selectors(pattern, globs))
 
 
 def test_budget_from_mapping_checks_keys():

@@ -27,7 +27,7 @@ from autodropout.patterns import Pattern
 from .datasets import DatasetBundle, Holdout, Images
 from .regularizers import Baseline, apply_baseline
 from .trainable import build_child
-from .training import Budget, bind_site_modules, evaluate_child, train_child
+from .training import Budget, evaluate_child, site_selectors, train_child
 
 Regularizer = Baseline | Pattern
 MONITOR = {"image": 1024, "text": 16384}
@@ -87,7 +87,7 @@ def train_final(bundle: DatasetBundle, budget: Budget, regularizer: Regularizer,
         apply_baseline(model, regularizer)
         check_fits(model, train, str(regularizer))
     else:
-        pattern, sites = bind_site_modules(model, regularizer, site_modules)
+        pattern, sites = regularizer, site_selectors(regularizer, site_modules)
     last = train_child(model, pattern, sites, Holdout(train, monitor), budget, device, seed,
                        report)
     test = evaluate_child(model, Holdout(train, bundle.test), budget, device)

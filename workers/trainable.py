@@ -37,7 +37,7 @@ from autodropout.patterns import Pattern
 
 from .datasets import DatasetBundle, load_dataset, validation_split
 from .models import build_model
-from .training import Budget, bind_site_modules, train_child
+from .training import Budget, site_selectors, train_child
 
 MODEL_NAMES = {"wrn": "wide_resnet", "wide_resnet": "wide_resnet", "gpt": "gpt"}
 
@@ -61,9 +61,7 @@ def pattern_trainable(config: dict[str, Any], data: DatasetBundle | None = None)
                          f"{budget.dataset!r}")
     device, threads = claim_device()
     model = build_child(budget, data, seed, config.get("model_args", {}))
-    pattern_at_sites, sites = bind_site_modules(
-        model, pattern, config.get("site_modules", space.site_modules)
-    )
+    sites = site_selectors(pattern, config.get("site_modules", space.site_modules))
     holdout = validation_split(data.train, budget.validation_examples, budget.train_examples,
                                seed=config.get("split_seed", 0))
     constants = {"node": ray.util.get_node_ip_address(), "pid": os.getpid(),
@@ -72,7 +70,7 @@ def pattern_trainable(config: dict[str, Any], data: DatasetBundle | None = None)
     def report(metrics: dict[str, Any]) -> None:
         tune.report({**metrics, **constants, "duration": time.perf_counter() - started})
 
-    train_child(model, pattern_at_sites, sites, holdout, budget, device, seed, report)
+    train_child(model, pattern, sites, holdout, budget, device, seed, report)
 
 
 def claim_device() -> tuple[torch.device, int]:

@@ -18,7 +18,6 @@ losses once per epoch; steps never wait on the device.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +36,6 @@ DIVERGENCE_FACTOR = 10.0
 ENAS_PERPLEXITY_SCALE = 80.0
 LM_GRAD_CLIP = 1.0
 EVAL_BATCH = 512
-_SHOWN_NAMES = 4
 
 
 @dataclass(frozen=True)
@@ -81,41 +79,19 @@ def reward_from_perplexity(perplexity: float) -> float:
     return ENAS_PERPLEXITY_SCALE / perplexity
 
 
-def bind_site_modules(model: nn.Module, pattern: Pattern,
-                      site_modules: Sequence[str | None]) -> tuple[Pattern, list[str] | None]:
-    """The pattern and ``sites`` for :func:`apply_pattern` that put site ``i`` on the
-    ``nn.BatchNorm2d`` modules whose names match the glob ``site_modules[i]``.
-
-    ``apply_pattern`` maps sites to matched modules one to one (or one site to all), so the
-    pattern is expanded to one copy of its site per matched module, in ``named_modules()``
-    order, and the modules are named exactly. With no globs, the pattern and ``None`` (the
-    defaults of :func:`apply_pattern`) come back unchanged.
-    """
+def site_selectors(pattern: Pattern, site_modules: Sequence[str | None]) -> dict | None:
+    """``sites`` for :func:`apply_pattern` from a space's per-site ``modules:`` globs: site
+    ``i`` on every module glob ``i`` matches; ``None`` (apply_pattern's defaults) when the
+    space names no modules."""
     if not any(site_modules):
-        return pattern, None
+        return None
     if not all(site_modules) or len(site_modules) != len(pattern):
         raise ValueError(f"site_modules must give a glob for each of the pattern's "
                          f"{len(pattern)} sites, got {list(site_modules)}")
     if pattern.kind != CONV:
         raise ValueError("site_modules: per-site module globs are supported for conv patterns "
                          "only; sequence patterns choose modules by sub-layer (apply_to)")
-    norms = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
-    owner: dict[str, int] = {}
-    for index, glob in enumerate(site_modules):
-        matched = [name for name in norms if fnmatch.fnmatchcase(name, glob)]
-        if not matched:
-            shown = ", ".join(norms[:_SHOWN_NAMES]) + (", ..." if len(norms) > _SHOWN_NAMES else "")
-            raise ValueError(f"site_modules[{index}]: {glob!r} matches no BatchNorm2d of "
-                             f"{type(model).__name__} (they are named {shown})")
-        for name in matched:
-            if name in owner:
-                raise ValueError(f"site_modules: {name} matches both site {owner[name]} and "
-                                 f"site {index}")
-            owner[name] = index
-    chosen = [name for name in norms if name in owner]
-    expanded = Pattern(pattern.kind, [pattern.sites[owner[name]] for name in chosen],
-                       space=pattern.space)
-    return expanded, chosen
+    return dict(enumerate(site_modules))
 
 
 def train_child(model: nn.Module, pattern: Pattern | None, sites: Any, data: Holdout,

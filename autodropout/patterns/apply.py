@@ -27,7 +27,9 @@ Sites to modules, with ``M`` the matched modules in ``named_modules()`` order:
 
 * conv: with ``len(pattern) == len(M)`` site ``i`` goes to ``M[i]``; a single site is shared
   by every module (each gets its own layer, so masks are drawn independently); otherwise
-  ``ValueError``.
+  ``ValueError``. A conv ``sites`` may also map each site index to its own selector
+  (``{0: "group1.*.bn*", 1: "group2.*.bn*"}``): site ``i`` goes to every module selector
+  ``i`` matches, as a search space's per-site ``modules:`` globs say.
 * sequence: the same rule per sub-layer, between the sites whose ``apply_to`` holds the
   sub-layer (in pattern order) and the modules matched for it. So one site per block works
   (``n_layers`` sites with the same ``apply_to``), as does one site for the whole network.
@@ -133,7 +135,9 @@ def apply_pattern(model: nn.Module, pattern: Pattern,
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be an autodropout Pattern, got {type(pattern).__name__}")
     candidates = _candidates(model)
-    if pattern.kind == CONV:
+    if pattern.kind == CONV and isinstance(sites, Mapping):
+        assignment = _assign_conv_per_site(candidates, pattern, sites)
+    elif pattern.kind == CONV:
         chosen = _select(candidates, nn.BatchNorm2d if sites is None else sites)
         assignment = [(name, module, pattern.sites[i], None)
                       for (name, module), i in zip(chosen, _spread(len(pattern), chosen, "sites"))]
@@ -216,6 +220,21 @@ def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str) -> li
         f"{where}: the pattern has {n_sites} sites but {len(names)} modules matched ({shown}); "
         f"give one site per matched module or a single site to share"
     )
+
+
+def _assign_conv_per_site(candidates, pattern: Pattern, sites: Mapping) -> list[tuple]:
+    if sorted(sites, key=repr) != list(range(len(pattern))):
+        raise ValueError(f"sites: a mapping for a conv pattern needs one selector per site "
+                         f"index 0..{len(pattern) - 1}, got keys {sorted(sites, key=repr)}")
+    owner: dict[str, int] = {}
+    for index in range(len(pattern)):
+        for name, _ in _select(candidates, sites[index], f"sites[{index}]"):
+            if name in owner:
+                raise ValueError(f"sites: module {name} is selected by both site {owner[name]} "
+                                 f"and site {index}")
+            owner[name] = index
+    return [(name, module, pattern.sites[owner[name]], None)
+            for name, module in candidates if name in owner]
 
 
 def _assign_sequence(candidates, pattern: Pattern, sites: Any) -> list[tuple]:
