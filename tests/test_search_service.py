@@ -4,9 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+import search_spaces
 from autodropout.cli import main
 from patterns_db import PatternStore
+from workers.training import ENAS_PERPLEXITY_SCALE
 
 
 @pytest.fixture
@@ -46,6 +49,32 @@ def test_random_controller_and_warm_start(ray_session, search_args):
     with PatternStore(search_args.db) as store:
         assert [len(store.trials(name)) for name in ("rand", "first", "second")] == [2, 2, 2]
         assert store.get_search("rand").controller_settings["controller"] == "random"
+
+
+@pytest.mark.ray
+def test_transformer_space_search_trains_the_gpt(ray_session, search_args, tmp_path):
+    """The shipped transformer space end to end: span patterns go into the GPT language
+    model, trials report perplexity-based rewards, and the best pattern is stored."""
+    shipped = yaml.safe_load(search_spaces.loader.resolve("transformer").read_text())
+    shipped["budget"].update(dataset="synthetic-text", epochs=1, train_examples=4096,
+                             validation_examples=1024, context=32)
+    space = tmp_path / "transformer-small.yaml"
+    space.write_text(yaml.safe_dump(shipped, sort_keys=False))
+    args = search_args("--trials", "3", "--concurrent", "2", "--name", "lm")
+    args[args.index("tiny")] = str(space)
+    args.remove("--dataset")
+    args.remove("synthetic")
+    assert main(args) == 0
+    with PatternStore(search_args.db) as store:
+        trials = store.trials("lm")
+        assert len(trials) == 3 and {t.status for t in trials} == {"completed"}
+        for trial in trials:
+            last = trial.metrics[-1]
+            assert last["val_perplexity"] > 1 and trial.reward == pytest.approx(
+                ENAS_PERPLEXITY_SCALE / last["val_perplexity"])
+        best = store.resolve("lm-best").pattern
+        assert best.kind == "sequence" and len(best.sites) == 5
+        assert best.space == "transformer"
 
 
 def run_cli(*args, env=None):
