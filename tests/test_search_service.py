@@ -56,15 +56,13 @@ def test_transformer_space_search_trains_the_gpt(ray_session, search_args, tmp_p
     """The shipped transformer space end to end: span patterns go into the GPT language
     model, trials report perplexity-based rewards, and the best pattern is stored."""
     shipped = yaml.safe_load(search_spaces.loader.resolve("transformer").read_text())
-    shipped["budget"].update(dataset="synthetic-text", epochs=1, train_examples=4096,
-                             validation_examples=1024, context=32)
+    shipped["budget"].update(epochs=1, train_examples=4096, validation_examples=1024,
+                             context=32)
     space = tmp_path / "transformer-small.yaml"
     space.write_text(yaml.safe_dump(shipped, sort_keys=False))
-    args = search_args("--trials", "3", "--concurrent", "2", "--name", "lm")
-    args[args.index("tiny")] = str(space)
-    args.remove("--dataset")
-    args.remove("synthetic")
-    assert main(args) == 0
+    # argparse keeps an option's last value: these replace the fixture's tiny/synthetic
+    assert main(search_args("--space", str(space), "--dataset", "synthetic-text",
+                            "--trials", "3", "--concurrent", "2", "--name", "lm")) == 0
     with PatternStore(search_args.db) as store:
         trials = store.trials("lm")
         assert len(trials) == 3 and {t.status for t in trials} == {"completed"}
