@@ -7,6 +7,8 @@ failing half way; connections marked with :data:`WRITE` begin immediate transact
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -35,14 +37,30 @@ def _configure_sqlite(dbapi_connection: Any, connection_record: Any) -> None:
     dbapi_connection.isolation_level = None  # BEGIN is emitted by _begin_sqlite
     cursor = dbapi_connection.cursor()
     try:
-        if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            cursor.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(cursor)
         # FULL: a committed trial survives power loss too (nothing is ever lost from the
         # store); the fsync per commit costs milliseconds against trials of seconds or more.
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch to WAL, waiting up to the busy timeout. The switch needs an exclusive lock and
+    SQLite does not wait for it: while another connection holds a lock (e.g. one creating the
+    file) it either raises "database is locked" or silently keeps the old mode."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal":
+                return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error):
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError("database is locked: could not switch to WAL mode")
+        time.sleep(0.05)
 
 
 def _begin_sqlite(connection: Any) -> None:

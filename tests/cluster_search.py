@@ -44,11 +44,14 @@ def search_started(db: str) -> bool:
         return any(summary.search.name == NAME for summary in store.searches())
 
 
-def wait_for(condition, what: str) -> None:
+def wait_for(condition, what: str, searching: threading.Thread, outcome: dict) -> None:
+    """Poll ``condition``; fail at once, with the search's outcome, if the search ended."""
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
+        if not searching.is_alive():
+            raise RuntimeError(f"the search ended before {what}: {outcome['status']}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
+            raise TimeoutError(f"timed out waiting for {what} (search: {outcome['status']})")
         time.sleep(0.2)
 
 
@@ -69,9 +72,10 @@ def main(workdir: Path) -> None:
     searching = threading.Thread(target=search, daemon=True)
     searching.start()
     try:
-        wait_for(lambda: search_started(db), "the search to start")
+        wait_for(lambda: search_started(db), "the search to start", searching, outcome)
         node_a = cluster.add_node(num_cpus=1)
-        wait_for(lambda: "running" in trial_statuses(db), "a trial on node A")
+        wait_for(lambda: "running" in trial_statuses(db), "a trial on node A", searching,
+                 outcome)
         cluster.add_node(num_cpus=1)
         cluster.remove_node(node_a)  # the trial on A has epochs to go
         outcome["removed_while"] = trial_statuses(db)
