@@ -32,8 +32,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from autodropout.errors import BadInput, NotFound
-from autodropout.load import dump_pattern, format_of, read_pattern_file
 from autodropout.patterns import Pattern
+from autodropout.patterns.files import dump_pattern, format_of, read_pattern_file
 
 from .engine import WRITE, create_store_engine
 from .errors import StoreError

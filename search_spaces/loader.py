@@ -10,40 +10,13 @@ import yaml
 from autodropout.errors import BadInput
 from autodropout.patterns.fields import SITE_FIELDS, PatternError, check_kind
 
+from .settings import BUDGET_SETTINGS, CONTROLLER_SETTINGS, Setting
 from .space import SearchSpace, SiteSpec
 
 SPACES_DIR = Path(__file__).resolve().parent
 
 TOP_LEVEL_KEYS = ("name", "kind", "description", "sites", "decisions", "budget", "controller")
 SITE_KEYS = ("name", "modules", "decisions")
-
-# key: (type, low, high). Types: int, number (low <= x <= high), positive (x > 0), str,
-# choice:<a|b>.
-BUDGET_KEYS: dict[str, tuple[str, float | None, float | None]] = {
-    "model": ("str", None, None),
-    "dataset": ("str", None, None),
-    "epochs": ("int", 1, None),
-    "train_examples": ("int", 1, None),
-    "validation_examples": ("int", 1, None),
-    "batch_size": ("int", 1, None),
-    "lr": ("positive", None, None),
-    "weight_decay": ("number", 0, None),
-    "context": ("int", 2, None),
-}
-CONTROLLER_KEYS: dict[str, tuple[str, float | None, float | None]] = {
-    "architecture": ("choice:transformer|lstm", None, None),
-    "hidden_size": ("int", 8, None),
-    "layers": ("int", 1, None),
-    "heads": ("int", 1, None),
-    "lr": ("positive", None, None),
-    "entropy_weight": ("number", 0, None),
-    "baseline_decay": ("number", 0, 1),
-    "grad_clip": ("positive", None, None),
-    "importance_clip": ("positive", None, None),
-    "update_every": ("int", 1, None),
-    "reward": ("choice:accuracy|perplexity", None, None),
-}
-
 
 class SpaceError(BadInput):
     """A malformed search-space file; the message is ``file:line: key: problem``."""
@@ -139,8 +112,8 @@ class _Parser:
             name=name,
             kind=kind,
             sites=sites,
-            budget=self.settings(top.get("budget"), "budget", BUDGET_KEYS),
-            controller=self.settings(top.get("controller"), "controller", CONTROLLER_KEYS),
+            budget=self.settings(top.get("budget"), "budget", BUDGET_SETTINGS),
+            controller=self.settings(top.get("controller"), "controller", CONTROLLER_SETTINGS),
             description=self.string(top["description"][1], "description") if "description" in top else "",
             source=self.source,
             yaml_text=text,
@@ -207,33 +180,13 @@ class _Parser:
             raise self.fail(node, "sites", f"duplicate site name {duplicate!r}")
         return tuple(specs)
 
-    def settings(self, entry: tuple | None, key: str, schema: dict) -> dict:
+    def settings(self, entry: tuple | None, key: str, schema: dict[str, Setting]) -> dict:
         if entry is None:
             return {}
-        node = entry[1]
         result = {}
-        for name, (_, value_node) in self.mapping(node, key, tuple(schema)).items():
-            kind, low, high = schema[name]
-            result[name] = self.setting(value_node, f"{key}.{name}", kind, low, high)
+        for name, (_, value_node) in self.mapping(entry[1], key, tuple(schema)).items():
+            try:
+                result[name] = schema[name].check(self.value(value_node), "")
+            except ValueError as error:
+                raise self.fail(value_node, f"{key}.{name}", str(error).lstrip()) from None
         return result
-
-    def setting(self, node: yaml.Node, key: str, kind: str, low, high) -> Any:
-        value = self.value(node)
-        if kind == "str":
-            return self.string(node, key)
-        if kind.startswith("choice:"):
-            options = kind.split(":", 1)[1].split("|")
-            if value not in options:
-                raise self.fail(node, key, f"must be one of {', '.join(options)}; got {value!r}")
-            return value
-        numeric = (int,) if kind == "int" else (int, float)
-        if isinstance(value, bool) or not isinstance(value, numeric):
-            expected = "an integer" if kind == "int" else "a number"
-            raise self.fail(node, key, f"must be {expected}, got {value!r}")
-        if kind == "positive" and not value > 0:
-            raise self.fail(node, key, f"must be > 0, got {value!r}")
-        if low is not None and value < low:
-            raise self.fail(node, key, f"must be >= {low:g}, got {value!r}")
-        if high is not None and value > high:
-            raise self.fail(node, key, f"must be <= {high:g}, got {value!r}")
-        return value

@@ -10,7 +10,7 @@ from matplotlib.colors import to_rgb
 from scipy import ndimage
 
 from autodropout import Pattern, render
-from autodropout.patterns.render import DROPPED_COLOUR, KEPT_COLOUR
+from autodropout.patterns.figures import DROPPED_COLOUR, KEPT_COLOUR
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

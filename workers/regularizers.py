@@ -53,7 +53,7 @@ from autodropout.layers import (
     check_probability,
     drop_path_rates,
 )
-from autodropout.load import FILE_SUFFIXES
+from autodropout.patterns.files import FILE_SUFFIXES
 
 from .models import GPTLanguageModel, WideBlock, WideResNet
 

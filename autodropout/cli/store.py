@@ -362,7 +362,7 @@ def _patterns_export(args: argparse.Namespace) -> int:
 
 
 def _patterns_import(args: argparse.Namespace) -> int:
-    from autodropout.load import read_pattern_file
+    from autodropout.patterns.files import read_pattern_file
 
     pattern = read_pattern_file(args.file)  # refused files never open the store
     with _open(args, create=True) as store:

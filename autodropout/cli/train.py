@@ -108,7 +108,7 @@ def check_counts(args: argparse.Namespace) -> None:
 def resolve_pattern(args: argparse.Namespace, store: Any):
     """The pattern ``--regularizer`` names: a file, else a tag, id or hash prefix in the store."""
     from autodropout.errors import BadInput, NotFound
-    from autodropout.load import read_pattern_file
+    from autodropout.patterns.files import read_pattern_file
     from workers.regularizers import BASELINE_FORMS, is_pattern_file
 
     ref = args.regularizer.strip()

@@ -144,25 +144,15 @@ class Pattern:
     @classmethod
     def load(cls, path: str | Path) -> Pattern:
         """Read a pattern from a ``.json`` or ``.yaml``/``.yml`` file."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as error:
-            raise PatternError(f"{path}: cannot read ({error.strerror})") from None
-        except UnicodeDecodeError:
-            raise PatternError(f"{path}: not a UTF-8 text file") from None
-        if path.suffix.lower() in (".yaml", ".yml"):
-            return cls.from_yaml(text, str(path))
-        return cls.from_json(text, str(path))
+        from .files import parse_pattern_file
+
+        return parse_pattern_file(path)
 
     def save(self, path: str | Path) -> Path:
         """Write the pattern as JSON or YAML by the file suffix (atomically)."""
-        path = Path(path)
-        text = self.to_yaml() if path.suffix.lower() in (".yaml", ".yml") else self.to_json() + "\n"
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
-        return path
+        from .files import write_pattern_file
+
+        return write_pattern_file(self, path, with_hash=False)
 
     def __repr__(self) -> str:
         space = f", space={self.space!r}" if self.space else ""
