@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from autodropout.patterns import Pattern
-from patterns_db import PatternStore
+from patterns_db import PatternStore, TrialState
 
 RECORD_TARGET_MS = 5.0
 BEST_TARGET_MS = 50.0
@@ -78,7 +78,11 @@ def fill(store: PatternStore, trials: int, searches: int, steps: int, seed: int)
             {"accuracy": reward * (s + 1) / steps, "loss": 1.0 - reward * s / steps}
             for s in range(steps)
         ]
-        status = "completed" if rng.random() < 0.9 else rng.choice(["failed", "early-stopped"])
+        status = (
+            TrialState.COMPLETED
+            if rng.random() < 0.9
+            else rng.choice([TrialState.FAILED, TrialState.EARLY_STOPPED])
+        )
         start = time.perf_counter()
         store.record_trial(
             names[index % searches],

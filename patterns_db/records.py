@@ -1,12 +1,32 @@
-"""What the store hands out: frozen snapshots of rows, detached from any database session."""
+"""What the store hands out: frozen snapshots of rows, detached from any database session.
+
+Every record is built by :func:`from_row`, so a record field and the column of the same name
+are one thing; this module imports no SQLAlchemy.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from autodropout.patterns import Pattern
+
+from .states import SearchState, TrialState
+
+R = TypeVar("R")
+
+
+def from_row(record_type: type[R], row: Any, /, **extra: Any) -> R:
+    """A ``record_type`` dataclass whose fields are ``extra``'s entries, else ``row``'s
+    attributes of the same names (a field with a default may be neither)."""
+    values = {}
+    for item in fields(record_type):
+        if item.name in extra:
+            values[item.name] = extra[item.name]
+        elif item.default is MISSING or hasattr(row, item.name):
+            values[item.name] = getattr(row, item.name)
+    return record_type(**values)
 
 
 @dataclass(frozen=True)
@@ -20,7 +40,7 @@ class SearchRecord:
     dataset: str
     model: str
     controller_settings: dict[str, Any]
-    status: str
+    status: SearchState
     started_at: datetime
     finished_at: datetime | None
     host: str | None
@@ -31,7 +51,7 @@ class SearchSummary:
     """A search with its progress: trials per status and the best completed trial."""
 
     search: SearchRecord
-    trial_counts: dict[str, int]
+    trial_counts: dict[TrialState, int]
     best_reward: float | None
     best_trial_id: str | None
     best_pattern_hash: str | None
@@ -50,7 +70,7 @@ class TrialRecord:
     pattern_id: int
     pattern_hash: str
     reward: float | None
-    status: str
+    status: TrialState
     error: str | None
     duration: float | None
     node: str | None

@@ -97,3 +97,14 @@ CONTROLLER_DEFAULTS: dict[str, Any] = {
 }
 """The RL controller's settings and their defaults; a space's ``controller:`` section and
 ``--set KEY=VALUE`` override them."""
+
+
+def controller_table() -> str:
+    """The Markdown table of controller settings that the README shows (a test keeps the
+    README's copy equal to this)."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for name, default in CONTROLLER_DEFAULTS.items():
+        setting = CONTROLLER_SETTINGS[name]
+        rows.append(f"| `{name}` | {default:g} | {setting.doc} |" if setting.type != "choice"
+                    else f"| `{name}` | {default} | {setting.doc}: `{'` or `'.join(setting.choices)}` |")
+    return "\n".join(rows) + "\n"

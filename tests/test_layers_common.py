@@ -1,8 +1,8 @@
 """Family-wide contract of every public dropout layer (docs/notes: the layer API table).
 
 Each case names a layer, the module that defines it, an input shape, and how the layer is
-built; wrappers get a small ``nn.Linear``. A name its module does not define yet is skipped
-with the reason "not implemented yet" (one skip per test and name).
+built; wrappers get a small ``nn.Linear``. Every public layer class has a case, and a name
+its module does not define is a failure, never a skip.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import autodropout
+import autodropout.layers
 from autodropout import mc_dropout
+from autodropout.layers import DropoutLayer, KeepMaskDropout
 
 Reference = Callable[[nn.Module, nn.Module | None, torch.Tensor], torch.Tensor]
 
@@ -47,6 +49,13 @@ def finish_warmup(layer):
             layer._buffers[name].fill_(2)
 
 
+def defined(module: str, name: str) -> Any:
+    """``name`` as ``autodropout.layers.<module>`` defines it; a missing one fails the test."""
+    namespace = importlib.import_module(f"autodropout.layers.{module}")
+    assert hasattr(namespace, name), f"autodropout.layers.{module} defines no {name}"
+    return getattr(namespace, name)
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -61,15 +70,7 @@ class Case:
     prepare: Callable[[nn.Module], None] | None = None
 
     def resolve(self) -> type:
-        try:
-            module = importlib.import_module(f"autodropout.layers.{self.module}")
-        except ModuleNotFoundError as error:
-            if error.name != f"autodropout.layers.{self.module}":
-                raise
-            pytest.skip(f"{self.name}: not implemented yet (no autodropout.layers.{self.module})")
-        if not hasattr(module, self.name):
-            pytest.skip(f"{self.name}: not implemented yet (autodropout.layers.{self.module})")
-        return getattr(module, self.name)
+        return defined(self.module, self.name)
 
     def build(self, **overrides) -> tuple[nn.Module, nn.Module | None]:
         cls = self.resolve()
@@ -170,6 +171,29 @@ FUNCTIONS = [
 ]
 
 
+ABSTRACT_BASES = (DropoutLayer, KeepMaskDropout)
+
+
+def public_layer_classes() -> set[str]:
+    """The ``nn.Module`` classes of ``autodropout.layers.__all__``, abstract bases excluded."""
+    return {
+        name
+        for name in autodropout.layers.__all__
+        if isinstance(obj := getattr(autodropout.layers, name), type)
+        and issubclass(obj, nn.Module)
+        and obj not in ABSTRACT_BASES
+    }
+
+
+def test_every_public_layer_has_a_case():
+    assert public_layer_classes() == {case.name for case in CASES}
+
+
+def test_top_level_layer_names_are_the_layers_package_exports():
+    assert len(autodropout.LAYERS) == len(set(autodropout.LAYERS))
+    assert set(autodropout.LAYERS) == set(autodropout.layers.__all__)
+
+
 def cases(predicate: Callable[[Case], bool] = lambda case: True):
     return [pytest.param(case, id=case.name) for case in CASES if predicate(case)]
 
@@ -254,7 +278,6 @@ def test_repr_names_the_class_and_its_settings(case):
 @pytest.mark.parametrize("case", cases(lambda case: case.rate is not None))
 @pytest.mark.parametrize("value", [-0.1, 1.5])
 def test_rate_out_of_range_raises_value_error_naming_it(case, value):
-    case.resolve()
     with pytest.raises(ValueError, match=rf"\b{case.rate}\b"):
         case.build(**{case.rate: value})
 
@@ -322,7 +345,8 @@ def test_layer_is_exported_with_a_docstring_about_the_drop_probability(case):
 
 @pytest.mark.parametrize(("name", "module"), FUNCTIONS, ids=[name for name, _ in FUNCTIONS])
 def test_helper_is_exported_with_a_docstring(name, module):
-    Case(name, module, ()).resolve()
     helper = getattr(autodropout, name, None)
-    assert helper is not None and name in autodropout.__all__, f"autodropout.{name} not exported"
+    assert helper is defined(module, name) and name in autodropout.__all__, (
+        f"autodropout.{name} not exported"
+    )
     assert helper.__doc__ and helper.__doc__.strip()

@@ -63,11 +63,11 @@ MALFORMED = [
     ("duplicate key", VALID.replace("  size_w: [3]", "  size_w: [3]\n  size_w: [4]"),
      ":7: decisions.size_w: duplicate key"),
     ("out of range", VALID.replace("rotate: [0, 45]", "rotate: [0, 270]"),
-     ":9: decisions.rotate: must be <= 180, got 270"),
+     ":9: decisions.rotate: must be a finite number in [-180, 180], got 270"),
     ("wrong type", VALID.replace("share_c: [true, false]", "share_c: [yes please]"),
      ":12: decisions.share_c: must be true or false, got 'yes please'"),
     ("int expected", VALID.replace("size_h: [1, 2]", "size_h: [1.5]"),
-     ":5: decisions.size_h: must be an integer, got 1.5"),
+     ":5: decisions.size_h: must be a positive integer, got 1.5"),
     ("missing decision", VALID.replace("  shear_x: [0.0]\n", ""), ":4: decisions.shear_x: missing"),
     ("unknown kind", VALID.replace("kind: conv", "kind: rnn"), ":2: kind: must be one of conv, sequence"),
     ("bad sites", VALID.replace("sites: 2", "sites: 0"), ":3: sites: must be a positive integer"),
@@ -160,3 +160,13 @@ def test_decode_and_encode_refuse_foreign_input():
     single = Pattern("conv", [foreign.sites[0]])
     with pytest.raises(ValueError, match=r"sites\[0\].size_h: 1 is not a choice of space 'tiny'"):
         tiny.encode(single)
+
+
+def test_readme_lists_the_controller_settings_of_the_one_table():
+    from pathlib import Path
+
+    from search_spaces.settings import CONTROLLER_DEFAULTS, controller_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert controller_table() in readme
+    assert len(controller_table().splitlines()) == 2 + len(CONTROLLER_DEFAULTS)

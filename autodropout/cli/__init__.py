@@ -10,7 +10,7 @@ import sys
 from autodropout import __version__
 from autodropout.errors import BadInput, NotFound
 
-COMMAND_MODULES: tuple[str, ...] = ("spaces", "store", "search", "train")
+COMMAND_MODULES: tuple[str, ...] = ("spaces", "patterns", "searches", "search", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,41 @@
-"""Plain-text output shared by the sub-commands: aligned tables and field lists."""
+"""What the sub-commands share: aligned tables, field lists, JSON, number formats, the
+``--db`` option and argument types. Nothing here imports more than the standard library."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 from collections.abc import Sequence
+from typing import Any
+
+DB_HELP = ("SQLAlchemy URL or SQLite file (default: $AUTODROPOUT_DB, else "
+           "$XDG_DATA_HOME/autodropout/patterns.db)")
+
+
+def db_option() -> argparse.ArgumentParser:
+    """A parent parser holding the ``--db URL`` option of every store command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", metavar="URL", help=DB_HELP)
+    return common
+
+
+def open_store(args: argparse.Namespace, create: bool = False):
+    """The store ``--db`` names (imports SQLAlchemy now, torch never)."""
+    from patterns_db import PatternStore
+
+    return PatternStore(args.db, create=create)
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def print_fields(fields: Sequence[tuple[str, str]]) -> None:
@@ -24,3 +57,24 @@ def print_table(
             for name, cell, width in zip(header, row, widths, strict=True)
         ]
         print(indent + "  ".join(cells).rstrip())
+
+
+def print_json(data: Any) -> int:
+    print(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
+    return 0
+
+
+def number(value: float | None) -> str:
+    """A metric for a table: four decimals, ``-`` when absent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}"
+
+
+def value_text(value: Any) -> str:
+    """A pattern or space value as the YAML would spell it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -1,7 +1,12 @@
-"""The dropout layer family. Each module holds one family; exports are listed here."""
+"""The dropout layer family. Each module holds one family; exports are listed here.
+
+``check_probability`` is :func:`autodropout.validation.check_probability`, re-exported.
+"""
+
+from autodropout.validation import check_probability
 
 from .adaptive import Jumpout, RelevanceDropout, Standout
-from .base import DropoutLayer, KeepMaskDropout, check_probability
+from .base import DropoutLayer, KeepMaskDropout
 from .connect import DropConnect
 from .mc import mc_dropout, mc_predict
 from .schedules import CurriculumDropout, DropoutScheduler

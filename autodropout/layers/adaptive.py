@@ -5,20 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
-from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
-from .base import DropoutLayer, check_probability
+from autodropout.validation import check_choice, check_int, check_probability, check_real
+
+from .base import DropoutLayer
 
 RELEVANCE_METHODS = ("grad_x_input", "lrp_epsilon")
-
-
-def _check_real(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
 
 
 class Standout(DropoutLayer):
@@ -52,8 +47,8 @@ class Standout(DropoutLayer):
         if not isinstance(module, nn.Linear):
             raise ValueError(f"module must be an nn.Linear, got {type(module).__name__}")
         self.module = module
-        self.alpha = _check_real(alpha, "alpha")
-        self.beta = _check_real(beta, "beta")
+        self.alpha = check_real(alpha, "alpha")
+        self.beta = check_real(beta, "beta")
         self.activation = nn.ReLU() if activation is None else activation
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,9 +112,7 @@ class Jumpout(DropoutLayer):
             raise ValueError(f"p_min must not exceed p_max, got p_min={p_min}, p_max={p_max}")
         if sigma is None:
             sigma = self.p_max / 2 if self.p_max > 0 else 1.0
-        self.sigma = _check_real(sigma, "sigma")
-        if self.sigma <= 0:
-            raise ValueError(f"sigma must be positive, got {sigma!r}")
+        self.sigma = check_real(sigma, "sigma", low=0, low_open=True)
         self.per_sample = per_sample
         self.record_rates = record_rates
         self.last_rates: Tensor | None = None
@@ -235,21 +228,13 @@ class RelevanceDropout(DropoutLayer):
         self.p_max = check_probability(p_max, "p_max")
         if self.p > self.p_max:
             raise ValueError(f"p must not exceed p_max, got p={p}, p_max={p_max}")
-        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int):
-            raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
-        if method not in RELEVANCE_METHODS:
-            raise ValueError(f"method must be one of {RELEVANCE_METHODS}, got {method!r}")
-        self.eps = _check_real(eps, "eps")
-        if self.eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.refresh_every = check_int(refresh_every, "refresh_every", low=1)
+        self.method = check_choice(method, RELEVANCE_METHODS, "method")
+        self.eps = check_real(eps, "eps", low=0, low_open=True)
         if method == "lrp_epsilon" and not isinstance(next_layer, nn.Linear):
             raise ValueError("next_layer must be the nn.Linear after this layer for lrp_epsilon")
         if method == "grad_x_input" and next_layer is not None:
             raise ValueError("next_layer is only used by method='lrp_epsilon'")
-        self.refresh_every = refresh_every
-        self.method = method
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("relevance", torch.empty(0))
         self.register_buffer("drop_rates", torch.empty(0))

@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from numbers import Integral, Real
-
 import torch
 from torch import Tensor, nn
 
-
-def check_probability(value: float, name: str = "p") -> float:
-    """Return ``value`` as a float in [0, 1], or raise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-    return float(value)
-
-
-def check_positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an int >= 1, or raise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+from autodropout.validation import check_probability
 
 
 def check_rank(x: Tensor, ranks: tuple[int, ...], layer: str, name: str = "input") -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DropoutLayer, check_probability, inverted_keep_mask
+from autodropout.validation import check_int, check_probability
+
+from .base import DropoutLayer, inverted_keep_mask
 
 
 class DropConnect(DropoutLayer):
@@ -47,13 +48,11 @@ class DropConnect(DropoutLayer):
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             kind = type(module).__name__
             raise ValueError(f"module must be an nn.Linear or nn.Conv2d, got {kind}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, Integral) or mc_samples < 0:
-            raise ValueError(f"mc_samples must be a non-negative int, got {mc_samples!r}")
+        self.mc_samples = check_int(mc_samples, "mc_samples", low=0)
         self.p = check_probability(p)
-        if mc_samples > 0 and self.p >= 1.0:
+        if self.mc_samples > 0 and self.p >= 1.0:
             raise ValueError("p must be < 1 when mc_samples > 0 (the weight variance diverges)")
         self.module = module
-        self.mc_samples = int(mc_samples)
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:

@@ -8,7 +8,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .base import DropoutLayer, check_positive_int
+from autodropout.validation import check_int
+
+from .base import DropoutLayer
 
 DROPOUT_TYPES = (DropoutLayer, nn.modules.dropout._DropoutNd)
 
@@ -57,9 +59,7 @@ def mc_predict(model: nn.Module, x: Tensor, samples: int = 30) -> tuple[Tensor, 
     output element (Welford's update: one pass, memory of two outputs, numerically stable).
     Both are accumulated and returned in at least float32. ``samples`` must be at least 2.
     """
-    samples = check_positive_int(samples, "samples")
-    if samples < 2:
-        raise ValueError(f"samples must be at least 2 for a variance, got {samples}")
+    samples = check_int(samples, "samples", low=2)
     with torch.no_grad(), mc_dropout(model):
         first = model(x)
         mean = first.to(torch.promote_types(first.dtype, torch.float32))

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import DropoutLayer, KeepMaskDropout, check_positive_int, check_probability
+from autodropout.validation import check_choice, check_int, check_probability, check_real
+
+from .base import DropoutLayer, KeepMaskDropout
 
 SCHEDULES = ("exponential", "linear", "cosine")
 KINDS = ("curriculum", "early", "late")
@@ -20,17 +22,14 @@ DEFAULT_RAMP_COMPLETION = 0.99
 
 def resolve_gamma(schedule: str, gamma: float | None, total_steps: int) -> float | None:
     """The exponential decay rate; ``None`` for the other schedules."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_choice(schedule, SCHEDULES, "schedule")
     if schedule != "exponential":
         if gamma is not None:
             raise ValueError(f"gamma only applies to the exponential schedule, got {schedule!r}")
         return None
     if gamma is None:
         return -math.log(1.0 - DEFAULT_RAMP_COMPLETION) / total_steps
-    if isinstance(gamma, bool) or not isinstance(gamma, Real) or not 0.0 < gamma < math.inf:
-        raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
-    return float(gamma)
+    return check_real(gamma, "gamma", low=0, low_open=True)
 
 
 def ramp(schedule: str, step: Tensor, total_steps: int, gamma: float | None) -> Tensor:
@@ -75,7 +74,7 @@ class CurriculumDropout(KeepMaskDropout):
         gamma: float | None = None,
     ) -> None:
         super().__init__(p)
-        self.total_steps = check_positive_int(total_steps, "total_steps")
+        self.total_steps = check_int(total_steps, "total_steps", low=1)
         self.gamma = resolve_gamma(schedule, gamma, self.total_steps)
         self.schedule = schedule
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -161,16 +160,14 @@ class DropoutScheduler:
         gamma: float | None = None,
         levels: int | None = None,
     ) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        check_choice(kind, KINDS, "kind")
+        check_choice(schedule, SCHEDULES, "schedule")
         if kind == "curriculum":
-            total_steps = check_positive_int(total_steps, "total_steps")
+            total_steps = check_int(total_steps, "total_steps", low=1)
             gamma = resolve_gamma(schedule, gamma, total_steps)
         else:
-            switch_step = check_positive_int(switch_step, "switch_step")
-        self.levels = None if levels is None else check_positive_int(levels, "levels")
+            switch_step = check_int(switch_step, "switch_step", low=1)
+        self.levels = None if levels is None else check_int(levels, "levels", low=1)
         self.kind = kind
         self.schedule = schedule
         self.total_steps = total_steps

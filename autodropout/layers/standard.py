@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import DropoutLayer, KeepMaskDropout, check_probability, check_rank, inverted_keep_mask
+from autodropout.validation import check_int, check_probability
+
+from .base import DropoutLayer, KeepMaskDropout, check_rank, inverted_keep_mask
 
 
 class Dropout(KeepMaskDropout):
@@ -100,10 +101,7 @@ class SpatialDropout(KeepMaskDropout):
 
     def __init__(self, p: float = 0.5, spatial_dims: int = 2) -> None:
         super().__init__(p)
-        is_int = isinstance(spatial_dims, Integral) and not isinstance(spatial_dims, bool)
-        if not is_int or not 1 <= spatial_dims <= 3:
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
-        self.spatial_dims = int(spatial_dims)
+        self.spatial_dims = check_int(spatial_dims, "spatial_dims", low=1, high=3)
 
     def check_input(self, x: Tensor) -> None:
         check_rank(

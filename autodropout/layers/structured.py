@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import math
-from numbers import Integral
 
 import torch
 from torch import Tensor
 
-from .base import KeepMaskDropout, check_probability, check_rank, inverted_keep_mask
+from autodropout.validation import check_int, check_probability
+
+from .base import KeepMaskDropout, check_rank, inverted_keep_mask
 
 # Block corners are drawn as a fixed number of geometric gaps (fixed shapes: no host sync, no
 # recompiles). With mean + 12 sd + 40 draws, a Chernoff bound puts the chance that the Bernoulli
 # process holds more corners than were drawn below exp(-60) ~ 1e-26 per call.
 _CORNER_MARGIN_SD = 12.0
 _CORNER_MARGIN_ABS = 40.0
-
-
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class DropBlock2d(KeepMaskDropout):
@@ -60,9 +55,9 @@ class DropBlock2d(KeepMaskDropout):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__(p)
-        self.block_size = _check_int(block_size, "block_size", 1)
+        self.block_size = check_int(block_size, "block_size", low=1)
         self.share_channels = bool(share_channels)
-        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -192,5 +187,5 @@ def drop_path_rates(max_rate: float, depth: int) -> list[float]:
     ``linspace(0, max_rate, depth)`` instead gives the first block 0.
     """
     max_rate = check_probability(max_rate, "max_rate")
-    depth = _check_int(depth, "depth", 1)
+    depth = check_int(depth, "depth", low=1)
     return [max_rate * block / depth for block in range(1, depth + 1)]

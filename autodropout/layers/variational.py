@@ -7,13 +7,14 @@ Each layer exposes a regulariser (``.kl()`` or ``.regularization()``) that belon
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import DropoutLayer, check_probability
+from autodropout.validation import check_choice, check_probability, check_real
+
+from .base import DropoutLayer
 
 # The sampled pre-activation's std is sqrt(var + _VAR_EPS): sqrt's gradient stays finite at 0.
 _VAR_EPS = 1e-8
@@ -79,10 +80,8 @@ class VariationalDropout(DropoutLayer):
         p = check_probability(p)
         if not 0.0 < p <= 0.5:
             raise ValueError(f"p must be in (0, 0.5] (alpha = p/(1-p) <= 1), got {p!r}")
-        if granularity not in ("layer", "unit"):
-            raise ValueError(f"granularity must be 'layer' or 'unit', got {granularity!r}")
         self.init_p = p
-        self.granularity = granularity
+        self.granularity = check_choice(granularity, ("layer", "unit"), "granularity")
         self.log_alpha = nn.Parameter(torch.full(self._log_alpha_shape(), math.log(p / (1.0 - p))))
 
     def _log_alpha_shape(self) -> tuple[int, ...]:
@@ -147,9 +146,7 @@ class SparseVariationalDropout(DropoutLayer):
     def __init__(self, module: nn.Module, threshold: float = 3.0) -> None:
         super().__init__()
         self.module = _check_weight_module(module, type(self).__name__)
-        if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold):
-            raise ValueError(f"threshold must be a real number, got {threshold!r}")
-        self.threshold = float(threshold)
+        self.threshold = check_real(threshold, "threshold")
         self.log_sigma2 = nn.Parameter(torch.full_like(module.weight, self.INIT_LOG_SIGMA2))
 
     def log_alpha(self) -> Tensor:
@@ -226,9 +223,9 @@ class ConcreteDropout(DropoutLayer):
             raise ValueError(f"p must be in (0, 1) exclusive (its logit is learned), got {p!r}")
         self.module = module
         self.init_p = p
-        self.temperature = _check_finite(temperature, "temperature", strictly_positive=True)
-        self.weight_regularizer = _check_finite(weight_regularizer, "weight_regularizer")
-        self.dropout_regularizer = _check_finite(dropout_regularizer, "dropout_regularizer")
+        self.temperature = check_real(temperature, "temperature", low=0, low_open=True)
+        self.weight_regularizer = check_real(weight_regularizer, "weight_regularizer", low=0)
+        self.dropout_regularizer = check_real(dropout_regularizer, "dropout_regularizer", low=0)
         self.p_logit = nn.Parameter(torch.tensor(math.log(p / (1.0 - p))))
         self.input_dim: int | None = None
 
@@ -271,15 +268,6 @@ class ConcreteDropout(DropoutLayer):
             f"weight_regularizer={self.weight_regularizer}, "
             f"dropout_regularizer={self.dropout_regularizer}"
         )
-
-
-def _check_finite(value: float, name: str, strictly_positive: bool = False) -> float:
-    """Return ``value`` as a float that is finite and >= 0 (> 0 if ``strictly_positive``)."""
-    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (strictly_positive and value == 0):
-        bound = "> 0" if strictly_positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
 
 
 def variational_kl(model: nn.Module) -> Tensor:

@@ -6,12 +6,11 @@ loader, so a value a space may offer is exactly a value a pattern may hold.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any
 
 from autodropout.errors import BadInput
+from autodropout.validation import check_bool, check_int, check_real
 
 CONV = "conv"
 SEQUENCE = "sequence"
@@ -44,26 +43,22 @@ class Field:
     doc: str = ""
 
     def check(self, value: Any, where: str) -> Any:
-        """Return ``value`` in canonical form or raise :class:`PatternError` naming ``where``."""
+        """Return ``value`` in canonical form or raise :class:`PatternError` naming ``where``.
+
+        Messages read ``WHERE.NAME: must be WHAT, got VALUE``: the location prefix, then the
+        shared shape of :mod:`autodropout.validation`.
+        """
         checker = getattr(self, f"_check_{self.type}")
         return checker(value, f"{where}{self.name}")
 
     def _check_int(self, value: Any, where: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, Integral):
-            raise PatternError(f"{where}: must be an integer, got {value!r}")
-        self._check_range(int(value), where)
-        return int(value)
+        return check_int(value, f"{where}:", low=self.low, high=self.high, error=PatternError)
 
     def _check_number(self, value: Any, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-            raise PatternError(f"{where}: must be a finite number, got {value!r}")
-        self._check_range(float(value), where)
-        return float(value) + 0.0  # folds -0.0 into 0.0 so equal patterns hash equally
+        return check_real(value, f"{where}:", low=self.low, high=self.high, error=PatternError)
 
     def _check_bool(self, value: Any, where: str) -> bool:
-        if not isinstance(value, bool):
-            raise PatternError(f"{where}: must be true or false, got {value!r}")
-        return value
+        return check_bool(value, f"{where}:", error=PatternError)
 
     def _check_choice(self, value: Any, where: str) -> str:
         if value not in self.choices or not isinstance(value, str):
@@ -73,9 +68,12 @@ class Field:
     def _check_repeat(self, value: Any, where: str) -> int | str:
         if value == FILL and isinstance(value, str):
             return FILL
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-            raise PatternError(f"{where}: must be a positive integer or 'fill', got {value!r}")
-        return int(value)
+        try:
+            return check_int(value, f"{where}:", low=1)
+        except ValueError:
+            raise PatternError(
+                f"{where}: must be a positive integer or 'fill', got {value!r}"
+            ) from None
 
     def _check_subset(self, value: Any, where: str) -> tuple[str, ...]:
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
@@ -88,12 +86,6 @@ class Field:
         if len(set(value)) != len(value):
             raise PatternError(f"{where}: lists {value!r} with duplicates")
         return tuple(sorted(value, key=self.choices.index))
-
-    def _check_range(self, value: float, where: str) -> None:
-        if self.low is not None and value < self.low:
-            raise PatternError(f"{where}: must be >= {self.low:g}, got {value!r}")
-        if self.high is not None and value > self.high:
-            raise PatternError(f"{where}: must be <= {self.high:g}, got {value!r}")
 
 
 CONV_FIELDS: tuple[Field, ...] = (

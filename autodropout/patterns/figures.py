@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from numbers import Integral
 from pathlib import Path
 
 import torch
+
+from autodropout.validation import check_int
 
 from .fields import CONV
 from .module import PatternDropout
@@ -28,25 +29,26 @@ def render(
     dropped ones red; each row is titled with the site's parameters. The masks come from
     ``seed`` without touching the global random state. Returns the path.
     """
-    rank = 3 if pattern.kind == CONV else 2
-    layout = "(C, H, W)" if pattern.kind == CONV else "(T, C)"
-    if (
-        not isinstance(shape, (tuple, list))
-        or len(shape) != rank
-        or not all(isinstance(n, Integral) and not isinstance(n, bool) and n > 0 for n in shape)
-    ):
-        raise ValueError(
-            f"shape must be {layout} positive integers for a {pattern.kind} pattern, "
-            f"got {shape!r}"
-        )
-    if isinstance(examples, bool) or not isinstance(examples, Integral) or examples < 1:
-        raise ValueError(f"examples must be a positive integer, got {examples!r}")
-
-    masks = _masks(pattern, tuple(int(n) for n in shape), examples, seed)
+    shape = _check_shape(shape, pattern.kind)
+    examples = check_int(examples, "examples", low=1)
+    masks = _masks(pattern, shape, examples, seed)
     figure = _figure(pattern, masks)
     path = Path(path)
     figure.savefig(path, dpi=DPI, format="png")
     return path
+
+
+def _check_shape(shape: object, kind: str) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints of the rank a ``kind`` pattern's example has."""
+    rank, layout = (3, "(C, H, W)") if kind == CONV else (2, "(T, C)")
+    problem = ValueError(f"shape must be {layout} positive integers for a {kind} pattern, "
+                         f"got {shape!r}")
+    if not isinstance(shape, (tuple, list)) or len(shape) != rank:
+        raise problem
+    try:
+        return tuple(check_int(n, "shape", low=1) for n in shape)
+    except ValueError:
+        raise problem from None
 
 
 def _masks(pattern: Pattern, shape: tuple[int, ...], examples: int, seed: int) -> list:

@@ -12,12 +12,13 @@ import json
 import os
 from pathlib import Path
 
+from autodropout.atomic import write_text_atomic
 from autodropout.errors import NotFound
 
 from .fields import PatternError
-from .pattern import Pattern
+from .pattern import YAML_SUFFIXES, Pattern
 
-FILE_SUFFIXES = (".json", ".yaml", ".yml")
+FILE_SUFFIXES = (".json", *YAML_SUFFIXES)
 FORMATS = ("json", "yaml")
 
 
@@ -31,7 +32,7 @@ def is_pattern_file(ref: str | os.PathLike[str]) -> bool:
 
 def format_of(path: str | os.PathLike[str]) -> str:
     """``"yaml"`` for ``.yaml``/``.yml`` files, else ``"json"``."""
-    return "yaml" if Path(path).suffix.lower() in (".yaml", ".yml") else "json"
+    return "yaml" if Path(path).suffix.lower() in YAML_SUFFIXES else "json"
 
 
 def dump_pattern(pattern: Pattern, format: str = "json", with_hash: bool = True) -> str:
@@ -51,22 +52,7 @@ def read_pattern_file(path: str | os.PathLike[str]) -> Pattern:
     """
     if not Path(path).is_file():
         raise NotFound(f"{path}: no such pattern file")
-    return parse_pattern_file(path)
-
-
-def parse_pattern_file(path: str | os.PathLike[str]) -> Pattern:
-    """Parse the pattern file at ``path`` by its suffix; any failure is a
-    :class:`~autodropout.patterns.PatternError` naming the file (``Pattern.load``)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise PatternError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError:
-        raise PatternError(f"{path}: not a UTF-8 text file") from None
-    if format_of(path) == "yaml":
-        return Pattern.from_yaml(text, str(path))
-    return Pattern.from_json(text, str(path))
+    return Pattern.load(path)
 
 
 def write_pattern_file(pattern: Pattern, path: str | os.PathLike[str],
@@ -76,10 +62,3 @@ def write_pattern_file(pattern: Pattern, path: str | os.PathLike[str],
     path = Path(path)
     write_text_atomic(path, dump_pattern(pattern, format or format_of(path), with_hash))
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)

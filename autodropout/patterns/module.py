@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from autodropout.layers.base import DropoutLayer, check_rank
+from autodropout.validation import check_int
 
 from .fields import CONV, FILL, SUBLAYERS, check_kind, check_site
 from .masks import conv_keep_mask, sequence_keep_mask
@@ -73,12 +74,8 @@ class PatternDropout(DropoutLayer):
         cls, pattern: Pattern, index: int, sublayer: str | None = None
     ) -> PatternDropout:
         """The layer for site ``index`` of ``pattern``."""
-        if isinstance(index, bool) or not isinstance(index, int) or not (
-            -len(pattern.sites) <= index < len(pattern.sites)
-        ):
-            raise ValueError(
-                f"index must be a site index below {len(pattern.sites)}, got {index!r}"
-            )
+        count = len(pattern.sites)
+        index = check_int(index, "index", low=-count, high=count - 1)
         return cls(pattern.sites[index], pattern.kind, sublayer)
 
     @property

@@ -9,7 +9,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from autodropout.atomic import write_text_atomic
+
 from .fields import PatternError, check_kind, check_site
+
+YAML_SUFFIXES = (".yaml", ".yml")
 
 FORMAT = "autodropout.pattern/1"
 _TOP_LEVEL = ("format", "hash", "kind", "sites", "space")
@@ -143,16 +147,23 @@ class Pattern:
     # files --------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> Pattern:
-        """Read a pattern from a ``.json`` or ``.yaml``/``.yml`` file."""
-        from .files import parse_pattern_file
-
-        return parse_pattern_file(path)
+        """Read a pattern from a ``.json`` or ``.yaml``/``.yml`` file (with or without the
+        ``hash`` of an exported file); any failure names the file."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise PatternError(f"{path}: cannot read ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise PatternError(f"{path}: not a UTF-8 text file") from None
+        if path.suffix.lower() in YAML_SUFFIXES:
+            return cls.from_yaml(text, str(path))
+        return cls.from_json(text, str(path))
 
     def save(self, path: str | Path) -> Path:
         """Write the pattern as JSON or YAML by the file suffix (atomically)."""
-        from .files import write_pattern_file
-
-        return write_pattern_file(self, path, with_hash=False)
+        yaml_file = Path(path).suffix.lower() in YAML_SUFFIXES
+        return write_text_atomic(path, self.to_yaml() if yaml_file else self.to_json() + "\n")
 
     def __repr__(self) -> str:
         space = f", space={self.space!r}" if self.space else ""

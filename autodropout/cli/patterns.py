@@ -1,4 +1,4 @@
-"""``autodropout patterns ...`` and ``autodropout searches ...``: the pattern store from a shell.
+"""``autodropout patterns list|show|export|import|tag``: stored patterns from a shell.
 
 Every command takes ``--db URL`` (a SQLAlchemy URL or a SQLite file; default
 ``$AUTODROPOUT_DB``, else ``$XDG_DATA_HOME/autodropout/patterns.db``). Exit codes: 0 ok,
@@ -17,26 +17,28 @@ when absent), hashes full 64-digit SHA-256 hex.
   "value"}`` where ``subject`` is ``"pattern"`` or ``"baseline:<name>"`` (baselines on the
   pattern's datasets and models).
 * ``patterns import FILE --json``: ``{"id", "hash", "kind", "tags"}``.
-* ``searches list --json``: a list, oldest first, of ``{"name", "space", "dataset", "model",
-  "status", "host", "started_at", "finished_at", "trials", "trials_by_status",
-  "best_reward", "best_trial", "best_hash"}``.
-* ``searches show NAME --json``: the same object plus ``"controller_settings"`` and
-  ``"curve"``, a list of ``{"trial", "status", "reward", "best_so_far"}`` in trial order.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from autodropout.errors import BadInput
+from patterns_db.states import TrialState
 
-from .output import print_fields, print_table
+from .output import (
+    db_option,
+    number,
+    open_store,
+    positive_int,
+    print_fields,
+    print_json,
+    print_table,
+    value_text,
+)
 
 _, _json_title, _json_body = (__doc__ or "").partition("``--json`` output")
 JSON_HELP = (_json_title + _json_body).replace("``", "")
@@ -45,20 +47,7 @@ DEFAULT_SHAPES = {"conv": (1, 32, 32), "sequence": (32, 64)}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--db",
-        metavar="URL",
-        help="SQLAlchemy URL or SQLite file (default: $AUTODROPOUT_DB, "
-        "else $XDG_DATA_HOME/autodropout/patterns.db)",
-    )
-    _register_patterns(commands, common)
-    _register_searches(commands, common)
-
-
-def _register_patterns(
-    commands: argparse._SubParsersAction, common: argparse.ArgumentParser
-) -> None:
+    common = db_option()
     group = commands.add_parser(
         "patterns",
         epilog=JSON_HELP,
@@ -77,7 +66,7 @@ def _register_patterns(
     listing.add_argument("--min-reward", type=float, metavar="R", help="only rewards >= R")
     listing.add_argument(
         "--top",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_TOP,
         metavar="K",
         help=f"how many patterns (default {DEFAULT_TOP})",
@@ -121,41 +110,6 @@ def _register_patterns(
     tag.set_defaults(handler=_patterns_tag)
 
 
-def _register_searches(
-    commands: argparse._SubParsersAction, common: argparse.ArgumentParser
-) -> None:
-    group = commands.add_parser(
-        "searches",
-        epilog=JSON_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="list and inspect pattern searches",
-        description="Pattern searches recorded in the store.",
-    )
-    sub = group.add_subparsers(dest="searches_command", metavar="COMMAND", required=True)
-
-    listing = sub.add_parser("list", parents=[common], help="every search and its progress")
-    listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(handler=_searches_list)
-
-    show = sub.add_parser(
-        "show", parents=[common], help="trials done, best so far, the reward-over-trials curve"
-    )
-    show.add_argument("name", metavar="NAME")
-    show.add_argument("--png", metavar="FILE", help="also plot reward over trials to FILE")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
-    show.set_defaults(handler=_searches_show)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(part) for part in text.replace("x", ",").split(","))
@@ -166,15 +120,8 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _open(args: argparse.Namespace, create: bool = False):
-    from patterns_db import PatternStore
-
-    return PatternStore(args.db, create=create)
-
-
-# patterns ---------------------------------------------------------------------------------
 def _patterns_list(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with open_store(args) as store:
         ranked = store.best(
             args.top,
             kind=args.kind,
@@ -200,7 +147,7 @@ def _patterns_list(args: argparse.Namespace) -> int:
         for hit in ranked
     ]
     if args.json:
-        return _print_json(rows)
+        return print_json(rows)
     if not rows:
         print("no completed trials match")
         return 0
@@ -221,7 +168,7 @@ def _patterns_list(args: argparse.Namespace) -> int:
             str(row["id"]),
             row["hash"][:12],
             row["kind"],
-            _number(row["reward"]),
+            number(row["reward"]),
             row["search"],
             row["trial"],
             row["space"],
@@ -236,7 +183,7 @@ def _patterns_list(args: argparse.Namespace) -> int:
 
 
 def _patterns_show(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with open_store(args) as store:
         record = store.resolve(args.ref)
         trials = store.pattern_trials(record.id)
         evaluations = store.final_evaluations(record.id)
@@ -248,7 +195,7 @@ def _patterns_show(args: argparse.Namespace) -> int:
             )
         ]
     rewards = [
-        trial.reward for trial in trials if trial.status == "completed" and trial.reward is not None
+        trial.reward for trial in trials if trial.status == TrialState.COMPLETED and trial.reward is not None
     ]
     if args.png:
         _render(record.pattern, args.shape, args.png)
@@ -268,7 +215,7 @@ def _patterns_show(args: argparse.Namespace) -> int:
         "final_evaluations": [_evaluation_json(e) for e in evaluations + baselines],
     }
     if args.json:
-        return _print_json(summary)
+        return print_json(summary)
     _print_pattern(summary, record.pattern)
     if args.png:
         print(f"\nmasks rendered to {args.png}")
@@ -306,19 +253,19 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
             ("space", summary["space"] or "-"),
             ("tags", ", ".join(summary["tags"]) or "-"),
             ("stored", summary["created_at"]),
-            ("best reward", _number(summary["best_reward"])),
+            ("best reward", number(summary["best_reward"])),
         ]
     )
     print(f"\nsites ({len(pattern.sites)}):")
     for index, site in enumerate(pattern.sites):
-        values = " ".join(f"{name}={_value(value)}" for name, value in site.items())
+        values = " ".join(f"{name}={value_text(value)}" for name, value in site.items())
         print(f"  [{index}] {values}")
     trials = summary["trials"]
     print(f"\nprovenance ({len(trials)} trial{'s' if len(trials) != 1 else ''}):")
     if trials:
         print_table(
             ("SEARCH", "TRIAL", "STATUS", "REWARD"),
-            [(t["search"], t["trial"], t["status"], _number(t["reward"])) for t in trials],
+            [(t["search"], t["trial"], t["status"], number(t["reward"])) for t in trials],
             right=("REWARD",),
             indent="  ",
         )
@@ -336,8 +283,8 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
             (
                 *key,
                 str(len(values)),
-                _number(statistics.fmean(values)),
-                _number(statistics.stdev(values)) if len(values) > 1 else "-",
+                number(statistics.fmean(values)),
+                number(statistics.stdev(values)) if len(values) > 1 else "-",
             )
             for key, values in sorted(groups.items(), key=_pattern_first)
         ],
@@ -352,7 +299,7 @@ def _pattern_first(item: tuple[tuple[str, ...], list[float]]) -> tuple:
 
 
 def _patterns_export(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with open_store(args) as store:
         text = store.export(args.ref, args.format, args.output)
     if args.output:
         print(f"wrote {args.output}", file=sys.stderr)
@@ -365,10 +312,10 @@ def _patterns_import(args: argparse.Namespace) -> int:
     from autodropout.patterns.files import read_pattern_file
 
     pattern = read_pattern_file(args.file)  # refused files never open the store
-    with _open(args, create=True) as store:
+    with open_store(args, create=True) as store:
         record = store.add_pattern(pattern)
     if args.json:
-        return _print_json(
+        return print_json(
             {"id": record.id, "hash": record.hash, "kind": record.kind, "tags": list(record.tags)}
         )
     print(f"imported pattern {record.id}  {record.hash}")
@@ -376,161 +323,9 @@ def _patterns_import(args: argparse.Namespace) -> int:
 
 
 def _patterns_tag(args: argparse.Namespace) -> int:
-    with _open(args) as store:
+    with open_store(args) as store:
         record = store.tag(args.ref, args.name)
     print(f"tag {args.name} -> pattern {record.id}  {record.hash}")
     return 0
-
-
-# searches ---------------------------------------------------------------------------------
-def _search_json(summary: Any) -> dict[str, Any]:
-    search = summary.search
-    return {
-        "name": search.name,
-        "space": search.space_name,
-        "dataset": search.dataset,
-        "model": search.model,
-        "status": search.status,
-        "host": search.host,
-        "started_at": search.started_at.isoformat(),
-        "finished_at": search.finished_at.isoformat() if search.finished_at else None,
-        "trials": summary.trials,
-        "trials_by_status": dict(sorted(summary.trial_counts.items())),
-        "best_reward": summary.best_reward,
-        "best_trial": summary.best_trial_id,
-        "best_hash": summary.best_pattern_hash,
-    }
-
-
-def _searches_list(args: argparse.Namespace) -> int:
-    with _open(args) as store:
-        rows = [_search_json(summary) for summary in store.searches()]
-    if args.json:
-        return _print_json(rows)
-    if not rows:
-        print("no searches")
-        return 0
-    print_table(
-        ("NAME", "STATUS", "SPACE", "DATASET", "MODEL", "TRIALS", "BEST", "STARTED"),
-        [
-            (
-                r["name"],
-                r["status"],
-                r["space"],
-                r["dataset"],
-                r["model"],
-                str(r["trials"]),
-                _number(r["best_reward"]),
-                r["started_at"][:19].replace("T", " "),
-            )
-            for r in rows
-        ],
-        right=("TRIALS", "BEST"),
-    )
-    return 0
-
-
-def _searches_show(args: argparse.Namespace) -> int:
-    with _open(args) as store:
-        summary = store.search_summary(args.name)
-        trials = store.trials(args.name, with_metrics=False)
-    curve = _reward_curve(trials)
-    if args.png:
-        _plot_curve(args.name, curve, args.png)
-    result = {
-        **_search_json(summary),
-        "controller_settings": summary.search.controller_settings,
-        "curve": curve,
-    }
-    if args.json:
-        return _print_json(result)
-    counts = ", ".join(f"{status} {n}" for status, n in result["trials_by_status"].items())
-    best = "-"
-    if result["best_reward"] is not None:
-        best = (
-            f"{_number(result['best_reward'])}  trial {result['best_trial']}  "
-            f"pattern {result['best_hash'][:12]}"
-        )
-    print(f"search {result['name']}")
-    print_fields(
-        [
-            ("status", result["status"]),
-            ("space", result["space"]),
-            ("dataset", result["dataset"]),
-            ("model", result["model"]),
-            ("host", result["host"] or "-"),
-            ("started", result["started_at"]),
-            ("finished", result["finished_at"] or "-"),
-            ("trials", f"{result['trials']} ({counts})" if counts else "0"),
-            ("best so far", best),
-            ("controller", json.dumps(result["controller_settings"], sort_keys=True)),
-        ]
-    )
-    if args.png:
-        print(f"\nreward curve plotted to {args.png}")
-    return 0
-
-
-def _reward_curve(trials: Sequence[Any]) -> list[dict[str, Any]]:
-    curve, best = [], None
-    for trial in trials:
-        if trial.status == "completed" and trial.reward is not None:
-            best = trial.reward if best is None else max(best, trial.reward)
-        curve.append(
-            {
-                "trial": trial.trial_id,
-                "status": trial.status,
-                "reward": trial.reward,
-                "best_so_far": best,
-            }
-        )
-    return curve
-
-
-def _plot_curve(name: str, curve: list[dict[str, Any]], path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    done = [
-        (i, p["reward"])
-        for i, p in enumerate(curve, 1)
-        if p["status"] == "completed" and p["reward"] is not None
-    ]
-    best = [(i, p["best_so_far"]) for i, p in enumerate(curve, 1) if p["best_so_far"] is not None]
-    if done:
-        ax.scatter(*zip(*done, strict=True), s=10, alpha=0.5, label="completed trial")
-        ax.step(*zip(*best, strict=True), where="post", color="C3", label="best so far")
-        ax.legend(loc="lower right")
-    ax.set_xlabel("trial (in order recorded)")
-    ax.set_ylabel("reward")
-    ax.set_title(f"search {name}: reward over trials")
-    ax.grid(alpha=0.3)
-    try:
-        figure.savefig(path, format="png", dpi=100)
-    except OSError as error:
-        raise BadInput(f"--png: cannot write {path} ({error.strerror})") from None
-
-
-# output -----------------------------------------------------------------------------------
-def _print_json(data: Any) -> int:
-    print(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
-    return 0
-
-
-def _number(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.4f}"
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 

@@ -1,0 +1,194 @@
+"""``autodropout searches list|show``: recorded searches and their progress from a shell.
+
+Every command takes ``--db URL`` (as ``autodropout patterns``). Exit codes: 0 ok, 1 not
+found, 2 bad input.
+
+``--json`` output is a stable interface for scripts: keys are only ever added, never renamed
+or removed. Times are ISO 8601 UTC strings, rewards and metric values numbers (``null``
+when absent), hashes full 64-digit SHA-256 hex.
+
+* ``searches list --json``: a list, oldest first, of ``{"name", "space", "dataset", "model",
+  "status", "host", "started_at", "finished_at", "trials", "trials_by_status",
+  "best_reward", "best_trial", "best_hash"}``.
+* ``searches show NAME --json``: the same object plus ``"controller_settings"`` and
+  ``"curve"``, a list of ``{"trial", "status", "reward", "best_so_far"}`` in trial order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from autodropout.errors import BadInput
+from patterns_db.states import TrialState
+
+from .output import (
+    db_option,
+    number,
+    open_store,
+    print_fields,
+    print_json,
+    print_table,
+)
+
+_, _json_title, _json_body = (__doc__ or "").partition("``--json`` output")
+JSON_HELP = (_json_title + _json_body).replace("``", "")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    common = db_option()
+    group = commands.add_parser(
+        "searches",
+        epilog=JSON_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="list and inspect pattern searches",
+        description="Pattern searches recorded in the store.",
+    )
+    sub = group.add_subparsers(dest="searches_command", metavar="COMMAND", required=True)
+
+    listing = sub.add_parser("list", parents=[common], help="every search and its progress")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_searches_list)
+
+    show = sub.add_parser(
+        "show", parents=[common], help="trials done, best so far, the reward-over-trials curve"
+    )
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--png", metavar="FILE", help="also plot reward over trials to FILE")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(handler=_searches_show)
+
+
+def _search_json(summary: Any) -> dict[str, Any]:
+    search = summary.search
+    return {
+        "name": search.name,
+        "space": search.space_name,
+        "dataset": search.dataset,
+        "model": search.model,
+        "status": search.status,
+        "host": search.host,
+        "started_at": search.started_at.isoformat(),
+        "finished_at": search.finished_at.isoformat() if search.finished_at else None,
+        "trials": summary.trials,
+        "trials_by_status": dict(sorted(summary.trial_counts.items())),
+        "best_reward": summary.best_reward,
+        "best_trial": summary.best_trial_id,
+        "best_hash": summary.best_pattern_hash,
+    }
+
+
+def _searches_list(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        rows = [_search_json(summary) for summary in store.searches()]
+    if args.json:
+        return print_json(rows)
+    if not rows:
+        print("no searches")
+        return 0
+    print_table(
+        ("NAME", "STATUS", "SPACE", "DATASET", "MODEL", "TRIALS", "BEST", "STARTED"),
+        [
+            (
+                r["name"],
+                r["status"],
+                r["space"],
+                r["dataset"],
+                r["model"],
+                str(r["trials"]),
+                number(r["best_reward"]),
+                r["started_at"][:19].replace("T", " "),
+            )
+            for r in rows
+        ],
+        right=("TRIALS", "BEST"),
+    )
+    return 0
+
+
+def _searches_show(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        summary = store.search_summary(args.name)
+        trials = store.trials(args.name, with_metrics=False)
+    curve = _reward_curve(trials)
+    if args.png:
+        _plot_curve(args.name, curve, args.png)
+    result = {
+        **_search_json(summary),
+        "controller_settings": summary.search.controller_settings,
+        "curve": curve,
+    }
+    if args.json:
+        return print_json(result)
+    counts = ", ".join(f"{status} {n}" for status, n in result["trials_by_status"].items())
+    best = "-"
+    if result["best_reward"] is not None:
+        best = (
+            f"{number(result['best_reward'])}  trial {result['best_trial']}  "
+            f"pattern {result['best_hash'][:12]}"
+        )
+    print(f"search {result['name']}")
+    print_fields(
+        [
+            ("status", result["status"]),
+            ("space", result["space"]),
+            ("dataset", result["dataset"]),
+            ("model", result["model"]),
+            ("host", result["host"] or "-"),
+            ("started", result["started_at"]),
+            ("finished", result["finished_at"] or "-"),
+            ("trials", f"{result['trials']} ({counts})" if counts else "0"),
+            ("best so far", best),
+            ("controller", json.dumps(result["controller_settings"], sort_keys=True)),
+        ]
+    )
+    if args.png:
+        print(f"\nreward curve plotted to {args.png}")
+    return 0
+
+
+def _reward_curve(trials: Sequence[Any]) -> list[dict[str, Any]]:
+    curve, best = [], None
+    for trial in trials:
+        if trial.status == TrialState.COMPLETED and trial.reward is not None:
+            best = trial.reward if best is None else max(best, trial.reward)
+        curve.append(
+            {
+                "trial": trial.trial_id,
+                "status": trial.status,
+                "reward": trial.reward,
+                "best_so_far": best,
+            }
+        )
+    return curve
+
+
+def _plot_curve(name: str, curve: list[dict[str, Any]], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    done = [
+        (i, p["reward"])
+        for i, p in enumerate(curve, 1)
+        if p["status"] == TrialState.COMPLETED and p["reward"] is not None
+    ]
+    best = [(i, p["best_so_far"]) for i, p in enumerate(curve, 1) if p["best_so_far"] is not None]
+    if done:
+        ax.scatter(*zip(*done, strict=True), s=10, alpha=0.5, label="completed trial")
+        ax.step(*zip(*best, strict=True), where="post", color="C3", label="best so far")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("trial (in order recorded)")
+    ax.set_ylabel("reward")
+    ax.set_title(f"search {name}: reward over trials")
+    ax.grid(alpha=0.3)
+    try:
+        figure.savefig(path, format="png", dpi=100)
+    except OSError as error:
+        raise BadInput(f"--png: cannot write {path} ({error.strerror})") from None
+
+
