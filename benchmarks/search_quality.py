@@ -55,11 +55,11 @@ import yaml
 
 import search_spaces
 from autodropout.patterns import Pattern
+from workers.baselines import Baseline, parse_regularizer
 from workers.datasets import DatasetBundle, load_dataset, validation_split
 from workers.final import summarize, train_final, training_subset
-from workers.regularizers import Baseline, apply_baseline, parse_regularizer
-from workers.trainable import build_child
-from workers.training import ENAS_PERPLEXITY_SCALE, Budget, train_child
+from workers.regularizers import apply_baseline
+from workers.training import ENAS_PERPLEXITY_SCALE, Budget, build_child, train_child
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -13,15 +13,13 @@ from numbers import Real
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
 from autodropout.patterns import Pattern
+from patterns_db.states import TrialState
 
 from .controllers import serialize_state
-
-
-def trial_status(result: dict[str, Any] | None) -> str:
-    """``completed`` for a trial that reached its final epoch, ``early-stopped`` otherwise."""
-    return "completed" if result and result.get("final") else "early-stopped"
+from .outcome import trial_outcome
 
 
 class StoreCallback(Callback):
@@ -68,21 +66,30 @@ class StoreCallback(Callback):
         # A trial that Tune has not saved yet would be unknown to a resumed search if the driver
         # died now: record it from its next report on (each record holds the whole history).
         if self.started_at_save.get(trial.trial_id, -1) < self.experiment_saves:
-            self._record(trial, result, "running")
+            self._record(trial, result, TrialState.RUNNING)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.started_at_save[trial.trial_id] = self.experiment_saves
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
-        self._record(trial, result, trial_status(result))
+        metric = self.metric
+        outcome = trial_outcome(result, metric=metric)
+        error = f"the trial reported no {metric!r}" if outcome is TrialState.FAILED else None
+        self._record(trial, result, outcome, error=error)
         self._save_controller()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._record(trial, trial.last_result or {}, "failed", error=_error_text(trial))
+        self._record(trial, trial.last_result or {}, TrialState.FAILED, error=_error_text(trial))
         self._save_controller()
 
-    def _record(self, trial, result: dict[str, Any], status: str, error: str | None = None) -> None:
+    @property
+    def metric(self) -> str:
+        """The searcher's metric: the reward the outcome rule looks for."""
+        return getattr(self.searcher, "metric", None) or "reward"
+
+    def _record(self, trial, result: dict[str, Any], status: TrialState,
+                error: str | None = None) -> None:
         reward = result.get("reward")
         if reward is not None and (not isinstance(reward, Real) or not math.isfinite(reward)):
             reward = None
@@ -92,7 +99,7 @@ class StoreCallback(Callback):
             self.search,
             trial.trial_id,
             Pattern.from_json(trial.config["pattern"]),
-            reward=None if status == "failed" else reward,
+            reward=None if status is TrialState.FAILED else reward,
             metrics=self.metrics.get(trial.trial_id, ()),
             status=status,
             error=error,
@@ -145,7 +152,7 @@ class ProgressCallback(Callback):
         if reward is not None and (self.best is None or reward > self.best):
             self.best = reward
         # the ending trial's own status is set after the callbacks run
-        done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+        done = 1 + sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials if t is not trial)
         if self._bar is None:
             self._bar = tqdm(total=self.total, unit="trial", desc="search", dynamic_ncols=True)
         self._bar.set_postfix_str("best reward -" if self.best is None else f"best reward {self.best:.4f}")
@@ -155,7 +162,8 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
-        self._advance(trials, trial, result.get("reward") if result.get("final") else None)
+        counts = trial_outcome(result, metric="reward") is TrialState.COMPLETED
+        self._advance(trials, trial, result["reward"] if counts else None)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._advance(trials, trial, None)

@@ -18,22 +18,13 @@ import torch
 
 from autodropout.patterns import Pattern
 from search_spaces import SearchSpace
+from search_spaces.settings import CONTROLLER_DEFAULTS
 
 from .policy import PatternPolicy
 
-DEFAULTS: dict[str, Any] = {
-    "architecture": "transformer",
-    "hidden_size": 64,
-    "layers": 1,
-    "heads": 4,
-    "lr": 5e-4,
-    "entropy_weight": 1e-3,
-    "baseline_decay": 0.9,
-    "grad_clip": 1.0,
-    "importance_clip": 0.2,
-    "update_every": 1,
-}
-"""Controller settings; a space's ``controller:`` section and the command line override them."""
+DEFAULTS = CONTROLLER_DEFAULTS
+"""The RL controller's settings and defaults: :data:`search_spaces.settings.CONTROLLER_DEFAULTS`
+(one table); a space's ``controller:`` section and the command line override them."""
 
 
 @dataclass(frozen=True)

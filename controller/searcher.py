@@ -1,16 +1,9 @@
 """``PatternSearcher``: a controller plugged into Ray Tune as a ``Searcher``.
 
 Ray Tune asks :meth:`suggest` for a config per trial and reports each trial's end to
-:meth:`on_trial_complete`. Reward rules (documented in the README):
-
-* a trial whose last result has ``final: True`` gives ``reward = result[metric]`` (negated
-  for ``mode="min"``) and updates the controller;
-* a trial that failed after its retries arrives with ``error=True`` and no result: it is not
-  the pattern's fault as far as we can tell (a lost node, a killed worker), so it is left out
-  of the policy update; a pattern that makes training diverge is reported by the trainable
-  as a *completed* trial with reward 0 (``diverged: True``) and does update the policy;
-* a trial stopped early by a scheduler (ASHA) ends without ``final: True``: its reward is
-  for a shorter budget than the others', so it is left out of the policy update.
+:meth:`on_trial_complete`, which asks :func:`~controller.outcome.trial_outcome` how the
+trial counts: only a ``COMPLETED`` trial's reward updates the controller (the rules are in
+:mod:`controller.outcome`).
 """
 
 from __future__ import annotations
@@ -20,7 +13,10 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from patterns_db.states import TrialState
+
 from .controllers import Controller, Suggestion
+from .outcome import trial_outcome
 
 
 class PatternSearcher(Searcher):
@@ -30,7 +26,7 @@ class PatternSearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.controller = controller
         self.live: dict[str, Suggestion] = {}
-        self.outcomes: dict[str, str] = {}
+        self.outcomes: dict[str, TrialState] = {}
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
         self._metric = metric or self._metric
@@ -48,14 +44,13 @@ class PatternSearcher(Searcher):
             return
         outcome = self.outcome(result, error)
         self.outcomes[trial_id] = outcome
-        if outcome == "completed":
+        if outcome is TrialState.COMPLETED:
             reward = float(result[self._metric])
             self.controller.observe(suggestion, reward if self._mode == "max" else -reward)
 
-    def outcome(self, result: dict | None, error: bool) -> str:
-        if error or not result or self._metric not in result:
-            return "failed"
-        return "completed" if result.get("final") else "early-stopped"
+    def outcome(self, result: dict | None, error: bool) -> TrialState:
+        """:func:`~controller.outcome.trial_outcome` for this searcher's metric."""
+        return trial_outcome(result, error, self._metric)
 
     # Tune checkpoints the searcher with save/restore and pickles it inside the Tuner: keep
     # both paths on the controller's explicit state (torch generators do not pickle).

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from autodropout.errors import BadInput
+from autodropout.validation import check_int
+from patterns_db.states import SearchState, TrialState
 
-from .controllers import RandomController, RLController, deserialize_state
+from .controllers import RLController, deserialize_state
+from .registry import CONTROLLERS
 from .searcher import PatternSearcher
 
-CONTROLLERS = ("rl", "random")
 EXPERIMENT_SAVE_PERIOD_S = 1.0
 
 
@@ -53,7 +55,7 @@ class SearchOptions:
 @dataclass
 class SearchResult:
     name: str
-    status: str
+    status: SearchState
     trials: int
     best_reward: float | None
     best_hash: str | None
@@ -88,13 +90,11 @@ def run_search(options: SearchOptions) -> SearchResult:
 
 
 def check_options(options: SearchOptions) -> None:
-    if options.controller not in CONTROLLERS:
-        raise BadInput(f"--controller: must be one of {', '.join(CONTROLLERS)}, got {options.controller!r}")
-    for label, value in (("--trials", options.trials), ("--concurrent", options.concurrent)):
-        if value < 1:
-            raise BadInput(f"{label}: must be at least 1, got {value}")
-    if options.epochs is not None and options.epochs < 1:
-        raise BadInput(f"--epochs: must be at least 1, got {options.epochs}")
+    CONTROLLERS.canonical(options.controller)
+    for label, value in (("--trials", options.trials), ("--concurrent", options.concurrent),
+                         ("--epochs", options.epochs)):
+        if value is not None:
+            check_int(value, label, low=1, error=BadInput)
     if options.resume and options.name and options.name != options.resume:
         raise BadInput("--name and --resume name different searches; pass one of them")
 
@@ -102,13 +102,12 @@ def check_options(options: SearchOptions) -> None:
 def new_task(options: SearchOptions):
     """The space, dataset and model a new search trains, from its options and the space."""
     import search_spaces
-    from workers.datasets import LOADERS
+    from workers.registry import DATASETS
 
     space = search_spaces.load(options.space)
     dataset = options.dataset or space.budget.get("dataset")
     model = options.model or space.budget.get("model")
-    if dataset not in LOADERS:
-        raise BadInput(f"--dataset: unknown dataset {dataset!r}; known: {', '.join(sorted(LOADERS))}")
+    DATASETS.canonical(dataset)
     return space, dataset, model
 
 
@@ -186,12 +185,13 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def build_controller(options: SearchOptions, space, store, name: str):
-    if options.controller == "random":
-        controller = RandomController(space, seed=options.seed)
-    else:
+    controller_class = CONTROLLERS.get(options.controller)
+    if issubclass(controller_class, RLController):
         settings = {**space.controller, **options.controller_settings}
-        settings.pop("reward", None)
-        controller = RLController(space, seed=options.seed, **settings)
+        settings.pop("reward", None)  # informational, not a policy setting
+        controller = controller_class(space, seed=options.seed, **settings)
+    else:
+        controller = controller_class(space, seed=options.seed)
     if options.warm_start and isinstance(controller, RLController):
         blob = store.load_controller_state(options.warm_start)
         if blob is None:
@@ -201,28 +201,14 @@ def build_controller(options: SearchOptions, space, store, name: str):
 
 
 def _search(options, space, budget, dataset, model, name, store) -> SearchResult:
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-
     from workers.datasets import load_dataset
-    from workers.trainable import make_trainable
 
     from .callbacks import ProgressCallback, StoreCallback
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress bar replaces Tune's tables
-    # Save the experiment (trials, searcher, callbacks) every second rather than every 10 s:
-    # `--resume` after a killed driver then redoes at most a second of bookkeeping, and
-    # StoreCallback records a trial only once a save holds it. A save takes ~10 ms.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_SAVE_PERIOD_S))
     started = time.monotonic()
     data = load_dataset(dataset, data_dir=options.data_dir)
     controller = build_controller(options, space, store, name)
-    metric = "reward"
-    searcher = PatternSearcher(controller, metric=metric, mode="max")
-    trainable = tune.with_resources(
-        make_trainable(data),
-        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
-    )
+    searcher = PatternSearcher(controller, metric="reward", mode="max")
     settings = {"controller": options.controller, "seed": options.seed, "trials": options.trials,
                 **getattr(controller, "settings", {})}
     store.create_search(name, space.name, space.yaml_text, dataset, model, settings,
@@ -230,52 +216,74 @@ def _search(options, space, budget, dataset, model, name, store) -> SearchResult
     callbacks = [StoreCallback(options.db, name, searcher)]
     if options.progress:
         callbacks.append(ProgressCallback(options.trials))
+    tuner = build_tuner(options, space, budget, name, data, searcher, callbacks)
+    status = fit(tuner, store, name, options)
+    return finish_search(store, name, status, time.monotonic() - started)
+
+
+def build_tuner(options: SearchOptions, space, budget: dict[str, Any], name: str, data,
+                searcher: PatternSearcher, callbacks: list):
+    """A new Tuner over ``searcher``'s trials, or the interrupted one restored (``--resume``)."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from workers.trainable import make_trainable
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our progress bar replaces Tune's tables
+    # Save the experiment (trials, searcher, callbacks) every second rather than every 10 s:
+    # `--resume` after a killed driver then redoes at most a second of bookkeeping, and
+    # StoreCallback records a trial only once a save holds it. A save takes ~10 ms.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_SAVE_PERIOD_S))
+    trainable = tune.with_resources(
+        make_trainable(data), {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     root = experiments_root(options)
     root.mkdir(parents=True, exist_ok=True)
-    run_config = tune.RunConfig(
-        name=name,
-        storage_path=str(root),
-        callbacks=callbacks,
-        failure_config=tune.FailureConfig(max_failures=options.max_failures),
-        verbose=0,
-    )
     if options.resume:
-        tuner = tune.Tuner.restore(
-            str(root / name), trainable=trainable, resume_unfinished=True, resume_errored=False,
-            restart_errored=False,
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={
-                "space": portable_space_ref(space),
-                "seed": options.seed,
-                "budget": budget,
-            },
-            tune_config=tune.TuneConfig(
-                search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrent),
-                num_samples=options.trials,
-                reuse_actors=True,
-            ),
-            run_config=run_config,
-        )
-    status = "failed"
+        return tune.Tuner.restore(str(root / name), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space={"space": portable_space_ref(space), "seed": options.seed, "budget": budget},
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrent),
+            num_samples=options.trials,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(root),
+            callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=options.max_failures),
+            verbose=0,
+        ),
+    )
+
+
+def fit(tuner, store, name: str, options: SearchOptions) -> SearchState:
+    """Run the trials; the search ends ``COMPLETED`` once every wanted trial finished,
+    ``STOPPED`` when interrupted (``--resume`` continues it), ``FAILED`` on an error."""
+    status = SearchState.FAILED
     try:
         tuner.fit()
         # a resumed search keeps the trial count it was started with
         wanted = store.get_search(name).controller_settings.get("trials", options.trials)
-        status = "completed" if finished_trials(store, name) >= wanted else "stopped"
+        status = SearchState.COMPLETED if finished_trials(store, name) >= wanted \
+            else SearchState.STOPPED
     except KeyboardInterrupt:
-        status = "stopped"
+        status = SearchState.STOPPED
         raise
     finally:
         store.finish_search(name, status)
+    return status
+
+
+def finish_search(store, name: str, status: SearchState, elapsed: float) -> SearchResult:
+    """Tag the search's best pattern ``NAME-best`` and sum the search up."""
     summary = store.search_summary(name)
     if summary.best_pattern_hash:
         store.tag(summary.best_pattern_hash, f"{name}-best")
     return SearchResult(name, status, summary.trials, summary.best_reward,
-                        summary.best_pattern_hash, time.monotonic() - started,
-                        store.best(5, search=name))
+                        summary.best_pattern_hash, elapsed, store.best(5, search=name))
 
 
 def portable_space_ref(space) -> str:
@@ -287,4 +295,4 @@ def portable_space_ref(space) -> str:
 
 def finished_trials(store, name: str) -> int:
     counts = store.search_summary(name).trial_counts
-    return sum(count for status, count in counts.items() if status != "running")
+    return sum(count for status, count in counts.items() if status != TrialState.RUNNING)

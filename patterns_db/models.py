@@ -186,6 +186,16 @@ class PatternRow(Base):
     def kinds(cls, session: Session, ids: set[int]) -> dict[int, str]:
         return dict(session.execute(select(cls.id, cls.kind).where(cls.id.in_(ids))).all())
 
+    @classmethod
+    def untried(cls, session: Session, k: int, kind: str | None = None) -> Sequence[PatternRow]:
+        """The ``k`` newest patterns (of ``kind``) with no completed trial: imported ones, and
+        those whose every trial failed or was stopped early."""
+        tried = select(TrialRow.id).where(TrialRow.pattern_id == cls.id, TrialRow.completed())
+        query = select(cls).where(~tried.exists())
+        if kind is not None:
+            query = query.where(cls.kind == kind)
+        return session.scalars(query.order_by(cls.created_at.desc(), cls.id.desc()).limit(k)).all()
+
 
 class SearchRow(Base):
     """One pattern search: its space, task, controller settings/state and lifecycle."""

@@ -346,6 +346,15 @@ class PatternStore:
             for pattern_id, search_id, reward, trial_id in ranked
         ]
 
+    def untried(self, k: int = 10, *, kind: str | None = None) -> list[PatternRecord]:
+        """The ``k`` newest patterns with no completed trial (imported patterns, or ones whose
+        trials all failed or stopped early), for listings after :meth:`best`'s."""
+        k = check_int(k, "k", low=1, error=BadInput)
+        with self._reading() as session:
+            records = _pattern_records(session, PatternRow.untried(session, k, kind))
+        return sorted(records.values(), key=lambda record: (record.created_at, record.id),
+                      reverse=True)
+
     # files --------------------------------------------------------------------------------
     def export(
         self, ref: str | int, format: str | None = None, path: str | os.PathLike[str] | None = None

@@ -24,6 +24,7 @@ from ray.cluster_utils import Cluster
 from autodropout.errors import NotFound
 from controller.service import SearchOptions, run_search
 from patterns_db import PatternStore
+from patterns_db.states import TrialState
 
 NAME = "cluster"
 TRIALS = 2
@@ -74,7 +75,7 @@ def main(workdir: Path) -> None:
     try:
         wait_for(lambda: search_started(db), "the search to start", searching, outcome)
         node_a = cluster.add_node(num_cpus=1)
-        wait_for(lambda: "running" in trial_statuses(db), "a trial on node A", searching,
+        wait_for(lambda: TrialState.RUNNING in trial_statuses(db), "a trial on node A", searching,
                  outcome)
         cluster.add_node(num_cpus=1)
         cluster.remove_node(node_a)  # the trial on A has epochs to go

@@ -111,12 +111,17 @@ def test_patterns_list_prints_an_aligned_table(filled, capsys):
         "MODEL",
         "TAGS",
     ]
-    assert [line.split()[3] for line in lines[1:]] == ["0.9300", "0.8000", "0.7200", "0.6100"]
+    ranked, untried = lines[1:5], lines[5:]
+    assert [line.split()[3] for line in ranked] == ["0.9300", "0.8000", "0.7200", "0.6100"]
     assert "wrn-fashion-best" in lines[1]
     columns = [lines[0].index(name) for name in ("KIND", "SEARCH", "DATASET")]
     for line in lines[1:]:  # left-aligned columns start at their header
         assert [line[c - 1] for c in columns] == [" "] * 3 and all(line[c] != " " for c in columns)
-    assert len({line.index(line.split()[3]) + len(line.split()[3]) for line in lines}) == 1
+    assert len({line.index(line.split()[3]) + len(line.split()[3]) for line in lines[:5]}) == 1
+    # the pattern whose only trial failed has no reward: an empty cell, listed last
+    reward_end = lines[0].index("REWARD") + len("REWARD")
+    assert len(untried) == 1 and conv_pattern(6).hash[:12] in untried[0]
+    assert untried[0][reward_end - 6:reward_end].strip() == ""
 
 
 def test_patterns_list_json_is_stable_and_filters(filled, capsys):
@@ -141,7 +146,26 @@ def test_patterns_list_json_is_stable_and_filters(filled, capsys):
     _, out, _ = run(capsys, "patterns", "list", "--db", filled, "--json", "--space", "tfm-space")
     assert [row["trial"] for row in json.loads(out)] == ["t0"]
     _, out, _ = run(capsys, "patterns", "list", "--db", filled, "--model", "none")
-    assert out.strip() == "no completed trials match"
+    assert out.strip() == "no patterns match"
+
+
+def test_patterns_list_shows_imported_patterns_without_a_reward(db_url, tmp_path, capsys):
+    path = tmp_path / "imported.json"
+    path.write_text(json.dumps(conv_pattern(7).to_dict(with_hash=True)))
+    PatternStore(db_url).close()
+    _, out, _ = run(capsys, "patterns", "list", "--db", db_url)
+    assert out.strip() == "no patterns stored"
+    assert run(capsys, "patterns", "import", "--db", db_url, str(path))[0] == 0
+    code, out, _ = run(capsys, "patterns", "list", "--db", db_url, "--json")
+    (row,) = json.loads(out)
+    assert code == 0 and set(row) == LIST_KEYS
+    assert row["hash"] == conv_pattern(7).hash and row["reward"] is None and row["trial"] is None
+    code, out, _ = run(capsys, "patterns", "list", "--db", db_url)
+    assert code == 0 and conv_pattern(7).hash[:12] in out.splitlines()[1]
+    _, out, _ = run(capsys, "patterns", "list", "--db", db_url, "--json", "--kind", "sequence")
+    assert json.loads(out) == []
+    _, out, _ = run(capsys, "patterns", "list", "--db", db_url, "--json", "--dataset", "fashion")
+    assert json.loads(out) == []  # trial filters select trials; an imported pattern has none
 
 
 def test_patterns_show_gives_parameters_provenance_reward_and_evaluations(filled, capsys):
@@ -272,9 +296,16 @@ def test_searches_list_and_show(filled, capsys, tmp_path):
     assert code == 0 and png.read_bytes().startswith(PNG_SIGNATURE)
     assert "trials       5 (completed 4, failed 1)" in out
     assert f"best so far  0.9300  trial t3  pattern {conv_pattern(5).hash[:12]}" in out
+    table = out[out.index("trials (5, in the order recorded):"):].splitlines()
+    assert table[1].split() == ["TRIAL", "STATUS", "REWARD", "EPOCHS", "PATTERN", "ERROR"]
+    assert table[5].split() == ["t3", "completed", "0.9300", "0", conv_pattern(5).hash[:12]]
+    assert table[6].split() == ["t4", "failed", "-", "0", conv_pattern(6).hash[:12], "OOM"]
     _, out, _ = run(capsys, "searches", "show", "--db", filled, "wrn-fashion", "--json")
     shown = json.loads(out)
-    assert set(shown) == SEARCH_KEYS | {"controller_settings", "curve"}
+    assert set(shown) == SEARCH_KEYS | {"controller_settings", "curve", "trial_table"}
+    assert shown["trial_table"][3] == {"trial": "t3", "status": "completed", "reward": 0.93,
+                                       "epochs": 0, "pattern": conv_pattern(5).hash,
+                                       "error": None}
     assert shown["controller_settings"] == {"lr": 0.1}
     assert [(p["trial"], p["best_so_far"]) for p in shown["curve"]] == [
         ("t0", 0.61),

@@ -15,8 +15,10 @@ from controller.controllers import (
     deserialize_state,
     serialize_state,
 )
+from controller.outcome import trial_outcome
 from controller.policy import PatternPolicy
 from controller.searcher import PatternSearcher
+from patterns_db.states import TrialState
 
 CONVNET = search_spaces.load("convnet")
 TINY = search_spaces.load("tiny")
@@ -40,6 +42,7 @@ def run(controller, target, samples=200):
     return rewards
 
 
+@pytest.mark.slow
 def test_reinforce_beats_random_within_200_samples():
     for seed in range(3):
         target = hidden_target(CONVNET, seed)
@@ -137,7 +140,9 @@ def test_searcher_reward_rules():
     searcher.on_trial_complete("d", {"reward": 0.0, "final": True, "diverged": True})
     searcher.on_trial_complete("d", {"reward": 0.0, "final": True})  # reported twice: once
     assert searcher.controller.seen == [0.7, 0.0]
-    assert searcher.outcomes == {"a": "completed", "b": "failed", "c": "early-stopped", "d": "completed"}
+    assert searcher.outcomes == {"a": TrialState.COMPLETED, "b": TrialState.FAILED,
+                                 "c": TrialState.EARLY_STOPPED, "d": TrialState.COMPLETED}
+    assert searcher.outcomes["c"] == "early-stopped"  # the stored string
     minimising = PatternSearcher(Recorder(TINY), metric="val_loss", mode="min")
     minimising.suggest("x")
     minimising.on_trial_complete("x", {"val_loss": 2.5, "final": True})
@@ -158,3 +163,52 @@ def test_searcher_survives_pickle_and_checkpoint(tmp_path):
     for other in (clone, restored):
         assert set(other.live) == {"t2"} and other.controller.updates == 1
         assert other.suggest("t3") == expected
+
+
+@pytest.mark.parametrize(("result", "error", "metric", "expected"), [
+    ({"reward": 0.7, "final": True}, False, "reward", TrialState.COMPLETED),
+    ({"reward": 0.0, "final": True, "diverged": True}, False, "reward", TrialState.COMPLETED),
+    ({"reward": 0.4, "final": False}, False, "reward", TrialState.EARLY_STOPPED),
+    ({"reward": 0.4}, False, "reward", TrialState.EARLY_STOPPED),
+    ({"reward": 0.7, "final": True}, True, "reward", TrialState.FAILED),
+    (None, True, "reward", TrialState.FAILED),
+    ({}, False, "reward", TrialState.FAILED),
+    ({"final": True}, False, "reward", TrialState.FAILED),  # final, but no reward to learn from
+    ({"val_loss": 2.5, "final": True}, False, "val_loss", TrialState.COMPLETED),
+])
+def test_trial_outcome_rules(result, error, metric, expected):
+    assert trial_outcome(result, error, metric) is expected
+
+
+class FakeStore:
+    def __init__(self):
+        self.trials = []
+
+    def record_trial(self, search, trial_id, pattern, **fields):
+        self.trials.append((trial_id, fields))
+
+    def save_controller_state(self, search, blob):
+        pass
+
+
+class FakeTrial:
+    def __init__(self, trial_id, config, result):
+        self.trial_id, self.config, self.last_result = trial_id, config, result
+
+
+@pytest.mark.parametrize("result", [
+    {"reward": 0.7, "final": True}, {"reward": 0.4, "final": False}, {"final": True}])
+def test_the_store_records_the_outcome_the_searcher_learns_by(result):
+    from controller.callbacks import StoreCallback
+
+    searcher = PatternSearcher(Recorder(TINY), metric="reward", mode="max")
+    trial = FakeTrial("t", searcher.suggest("t"), result)
+    callback = StoreCallback(None, "search", searcher)
+    callback._store = FakeStore()
+    callback.on_trial_complete(0, [trial], trial)
+    searcher.on_trial_complete("t", result)
+    ((_, fields),) = callback._store.trials
+    assert fields["status"] is searcher.outcomes["t"] is trial_outcome(result)
+    learned = searcher.outcomes["t"] is TrialState.COMPLETED
+    assert searcher.controller.seen == ([result["reward"]] if learned else [])
+    assert (fields["reward"] is None) == (fields["status"] is TrialState.FAILED)

@@ -6,19 +6,56 @@ import math
 
 import pytest
 import torch
+from scipy import integrate
 from scipy import stats as scipy_stats
-from stats import Z, assert_fraction
+from stats import Z, assert_fraction, assert_mean
 from torch import nn
 
 from autodropout.layers import Jumpout, RelevanceDropout, Standout
 from autodropout.layers.adaptive import capped_rates_with_mean
 
-KS_ALPHA = 1e-6
-
+# the two-sided normal tail beyond Z: the same false-failure rate as the z-bounds of stats.py
+KS_ALPHA = math.erfc(Z / math.sqrt(2.0))
 
 
 def truncated_half_normal(p_min: float, p_max: float, sigma: float):
+    """``|N(0, sigma^2)|`` conditioned on ``[p_min, p_max]``: ``sampling="truncated"``."""
     return scipy_stats.truncnorm(p_min / sigma, p_max / sigma, loc=0.0, scale=sigma)
+
+
+class Algorithm1Rates:
+    """Exact law of ``p = min(p_min + |N(0, sigma^2)|, p_max)`` (Jumpout, Algorithm 1, line 2).
+
+    A point mass ``atom = P(|N| >= p_max - p_min)`` at ``p_max`` and, below it, the half-normal
+    shifted to ``p_min``: conditioned on ``p < p_max`` that is ``continuous``, a normal of
+    scale ``sigma`` truncated to ``[p_min, p_max]`` around the mean ``p_min``.
+    """
+
+    def __init__(self, p_min: float, p_max: float, sigma: float) -> None:
+        self.p_min, self.p_max, self.sigma = p_min, p_max, sigma
+        self.atom = 2.0 * scipy_stats.norm.sf((p_max - p_min) / sigma)
+        self.continuous = scipy_stats.truncnorm(0.0, (p_max - p_min) / sigma, loc=p_min, scale=sigma)
+
+    def expect(self, g, kinks=()) -> float:
+        """``E[g(p)]``; ``kinks`` are where ``g`` is not smooth (for the quadrature)."""
+        inner = [k for k in kinks if self.p_min < k < self.p_max]
+        smooth, _ = integrate.quad(
+            lambda t: g(t) * self.continuous.pdf(t), self.p_min, self.p_max, points=inner or None
+        )
+        return (1.0 - self.atom) * smooth + self.atom * g(self.p_max)
+
+
+def assert_algorithm1_rates(rates: torch.Tensor, p_min: float, p_max: float, sigma: float):
+    """KS test of the part below ``p_max`` against its conditional CDF, binomial test of the atom."""
+    reference = Algorithm1Rates(p_min, p_max, sigma)
+    values = rates.double().numpy()
+    top = float(torch.tensor(p_max, dtype=torch.float32))  # p_max as the float32 rates hold it
+    assert values.min() >= float(torch.tensor(p_min, dtype=torch.float32)) and values.max() <= top
+    at_top = values == top
+    assert_fraction(at_top.mean(), values.size, reference.atom, what="point mass at p_max")
+    ks = scipy_stats.kstest(values[~at_top], reference.continuous.cdf)
+    assert ks.pvalue > KS_ALPHA, f"below p_max: KS D={ks.statistic:.4f}, p={ks.pvalue:.3g}"
+    return ks
 
 
 def binary_relu_input(rows: int, features: int, active_fraction: float) -> torch.Tensor:
@@ -90,9 +127,33 @@ def test_standout_custom_activation_and_extreme_parameters():
 # ---------------------------------------------------------------- Jumpout
 
 
-@pytest.mark.parametrize(("p_min", "p_max", "sigma"), [(0.01, 0.6, None), (0.05, 0.5, 0.1)])
-def test_jumpout_sampled_rates_follow_the_truncated_half_normal(p_min, p_max, sigma):
+# Algorithm 1's defaults (p_min, p_max from section 3.4, sigma = p_max / 2), and two settings
+# where p_min is large against sigma, so that the shape below p_max tells the shifted
+# half-normal of Algorithm 1 from the half-normal truncated at p_min (KS distance 0.19-0.20).
+ALGORITHM1_SETTINGS = [(0.01, 0.6, None), (0.1, 0.5, 0.1), (0.2, 0.6, 0.2)]
+
+
+@pytest.mark.parametrize(("p_min", "p_max", "sigma"), ALGORITHM1_SETTINGS)
+def test_jumpout_sampled_rates_follow_algorithm_1(p_min, p_max, sigma):
     layer = Jumpout(p_min=p_min, p_max=p_max, sigma=sigma)
+    rates = layer.sample_rates(20000)
+    assert rates.dtype == torch.float32 and rates.shape == (20000,)
+    assert_algorithm1_rates(rates, p_min, p_max, layer.sigma)
+
+
+def test_jumpout_algorithm_1_check_rejects_the_truncated_half_normal():
+    """The check above can fail: the truncated sampler (the layer's old default) fails it."""
+    truncated = Jumpout(p_min=0.2, p_max=0.6, sigma=0.2, sampling="truncated").sample_rates(20000)
+    with pytest.raises(AssertionError, match="point mass at p_max"):
+        assert_algorithm1_rates(truncated, 0.2, 0.6, 0.2)
+    below = truncated[truncated < 0.6].double().numpy()
+    continuous = Algorithm1Rates(0.2, 0.6, 0.2).continuous
+    assert scipy_stats.kstest(below, continuous.cdf).pvalue < KS_ALPHA
+
+
+@pytest.mark.parametrize(("p_min", "p_max", "sigma"), [(0.01, 0.6, None), (0.05, 0.5, 0.1)])
+def test_jumpout_truncated_sampling_follows_the_truncated_half_normal(p_min, p_max, sigma):
+    layer = Jumpout(p_min=p_min, p_max=p_max, sigma=sigma, sampling="truncated")
     rates = layer.sample_rates(20000)
     assert rates.dtype == torch.float32 and rates.min() >= p_min and rates.max() <= p_max
     reference = truncated_half_normal(p_min, p_max, layer.sigma)
@@ -102,71 +163,154 @@ def test_jumpout_sampled_rates_follow_the_truncated_half_normal(p_min, p_max, si
     assert (rates < middle).float().mean() > 0.6
 
 
-def test_jumpout_forward_draws_rates_from_the_truncated_half_normal():
+def test_jumpout_forward_draws_rates_from_algorithm_1():
     per_sample = Jumpout(per_sample=True, record_rates=True)
     per_sample(binary_relu_input(20000, 8, 0.5))
     assert per_sample.last_rates.shape == (20000,)
-    reference = truncated_half_normal(0.01, 0.6, per_sample.sigma)
-    assert scipy_stats.kstest(per_sample.last_rates.numpy(), reference.cdf).pvalue > KS_ALPHA
+    assert_algorithm1_rates(per_sample.last_rates, 0.01, 0.6, 0.3)
     per_batch = Jumpout(record_rates=True)
     rates = []
-    for _ in range(400):
+    for _ in range(4000):
         per_batch(binary_relu_input(2, 8, 0.5))
         rates.append(per_batch.last_rates)
     assert per_batch.last_rates.shape == (1,)
-    assert scipy_stats.kstest(torch.cat(rates).numpy(), reference.cdf).pvalue > KS_ALPHA
+    assert_algorithm1_rates(torch.cat(rates), 0.01, 0.6, 0.3)
     assert Jumpout().last_rates is None
 
 
+def deactivation_moments(rates: Algorithm1Rates, q: float, active: int, units: int):
+    """Mean and sd of the deactivated fraction of ``units`` units, ``active = q units`` of them
+    active, under Algorithm 1: ``p' = min(p / q, 1)``, dropped ~ Binomial(active, p'), and
+    the fraction's mean is ``E[min(p, q)]``."""
+    normalised = lambda p: min(p / q, 1.0)  # noqa: E731
+    mean = rates.expect(lambda p: min(p, q), kinks=[q])
+    second = rates.expect(lambda p: min(p, q) ** 2, kinks=[q])
+    binomial = rates.expect(lambda p: active * normalised(p) * (1 - normalised(p)), kinks=[q])
+    return mean, math.sqrt(second - mean**2 + binomial / units**2)
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per_sample", "per_call"])
+def test_jumpout_deactivated_fraction_at_a_known_active_fraction_is_algorithm_1s(per_sample):
+    """Every row has q+ = 0.5: the layer loses E[min(p, 0.5)] = 0.2365 of its units (the
+    p_max cap of the normalised rate gave E[min(p, 0.3)], 0.19 with the truncated sampler)."""
+    layer = Jumpout(p_min=0.01, p_max=0.6, sigma=0.3, per_sample=per_sample)
+    reference = Algorithm1Rates(0.01, 0.6, 0.3)
+    rows, features = (20000, 40) if per_sample else (2, 40)
+    calls = 1 if per_sample else 4000
+    fractions = []
+    for _ in range(calls):
+        x = binary_relu_input(rows, features, 0.5)
+        y = layer(x)
+        deactivated = ((x > 0) & (y == 0)).float()
+        fractions.append(deactivated.mean(1) if per_sample else deactivated.mean().reshape(1))
+    fractions = torch.cat(fractions)
+    units = features if per_sample else rows * features
+    mean, std = deactivation_moments(reference, 0.5, units // 2, units)
+    assert abs(mean - 0.2365) < 5e-4  # the figure above, from the quadrature
+    assert_mean(fractions.mean().item(), mean, std, fractions.numel(), what="deactivated fraction")
+
+
 def test_jumpout_rate_among_active_units_is_normalised_by_the_active_fraction():
+    # q+ = 0.25: every p > 0.25 asks for more than the active units, so p' = 1 drops them all
     layer = Jumpout(p_min=0.05, p_max=0.6, sigma=0.2, record_rates=True)
-    x = binary_relu_input(200, 100, 0.5)
+    x = binary_relu_input(200, 100, 0.25)
     active = x > 0
-    for _ in range(20):
+    capped = 0
+    for _ in range(80):
         y = layer(x)
         rate = layer.last_rates.item()
-        active_rate = min(rate / 0.5, layer.p_max)
+        active_rate = min(rate / 0.25, 1.0)
+        capped += active_rate == 1.0
         dropped = (y[active] == 0).float()
         assert_fraction(dropped.mean().item(), dropped.numel(), active_rate, what="active drop")
         assert torch.equal(y[~active], torch.zeros_like(y[~active]))
-        scale = (1.0 - active_rate) ** -0.75
         survivors = y[active] != 0
-        torch.testing.assert_close(y[active][survivors], x[active][survivors] * scale)
+        if active_rate < 1.0:
+            scale = (1.0 - active_rate) ** -0.75
+            torch.testing.assert_close(y[active][survivors], x[active][survivors] * scale)
+        else:
+            assert not survivors.any()
+    assert 0 < capped < 80  # both regimes seen: P(p > 0.25) = 0.32 per call, 0.68^80 < 1e-13
 
 
-def test_jumpout_per_sample_normalises_each_sample_by_its_own_active_fraction():
-    layer = Jumpout(p_min=0.01, p_max=0.6, sigma=0.3, per_sample=True, record_rates=True)
-    fractions = (0.25, 0.5, 1.0)
-    x = torch.cat([binary_relu_input(1000, 40, fraction) for fraction in fractions])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["one_rate", "rate_per_sample"])
+@pytest.mark.parametrize("active_fraction", ["batch", "sample"])
+def test_jumpout_normalises_by_the_chosen_active_fraction(per_sample, active_fraction):
+    """Rows with q+ = 0.25 and 0.75: the batch's q+ is 0.5 (the mean of the rows' own)."""
+    layer = Jumpout(
+        p_min=0.01, p_max=0.6, sigma=0.3, per_sample=per_sample,
+        active_fraction=active_fraction, record_rates=True,
+    )
+    fractions = (0.25, 0.75)
+    x = torch.cat([binary_relu_input(2000, 40, fraction) for fraction in fractions])
     y = layer(x)
     rates = layer.last_rates
+    assert rates.shape == ((4000,) if per_sample else (1,))
+    rates = rates.expand(4000)
     for group, fraction in enumerate(fractions):
-        rows = slice(group * 1000, (group + 1) * 1000)
-        active_rates = (rates[rows] / fraction).clamp(max=layer.p_max)
+        rows = slice(group * 2000, (group + 1) * 2000)
+        q = fraction if active_fraction == "sample" else 0.5
+        active_rates = (rates[rows] / q).clamp(max=1.0)
         active = x[rows] > 0
         dropped = ((y[rows] == 0) & active).sum(1).float()
         actives = active.sum(1).float()
         expected = (actives * active_rates).sum()
         std = (actives * active_rates * (1 - active_rates)).sum().sqrt()
-        assert abs(dropped.sum() - expected) <= Z * std, f"active fraction {fraction}"
+        assert abs(dropped.sum() - expected) <= Z * std + 1e-6, f"active fraction {fraction}"
         scale = (1.0 - active_rates).pow(-0.75).unsqueeze(1).expand_as(x[rows])
         survivors = y[rows] != 0
         torch.testing.assert_close(y[rows][survivors], (x[rows] * scale)[survivors])
         assert torch.equal(y[rows][~active], torch.zeros_like(y[rows][~active]))
 
 
-def test_jumpout_edge_parameters():
+@pytest.mark.parametrize("sampling", ["algorithm1", "truncated"])
+def test_jumpout_edge_parameters(sampling):
     x = binary_relu_input(64, 16, 0.5)
-    assert torch.equal(Jumpout(p_min=0.0, p_max=0.0)(x), x)
-    assert torch.equal(Jumpout(p_min=1.0, p_max=1.0)(x), torch.zeros_like(x))
-    tiny_sigma = Jumpout(p_min=0.2, p_max=0.6, sigma=1e-9)
+    assert torch.equal(Jumpout(p_min=0.0, p_max=0.0, sampling=sampling)(x), x)
+    assert torch.equal(Jumpout(p_min=1.0, p_max=1.0, sampling=sampling)(x), torch.zeros_like(x))
+    tiny_sigma = Jumpout(p_min=0.2, p_max=0.6, sigma=1e-12, sampling=sampling)
     assert torch.equal(tiny_sigma.sample_rates(100), torch.full((100,), 0.2))
-    huge_sigma = Jumpout(sigma=1e9).sample_rates(1000)
+    huge_sigma = Jumpout(sigma=1e9, sampling=sampling).sample_rates(1000)
     assert torch.isfinite(huge_sigma).all() and huge_sigma.min() >= 0.01
+    assert huge_sigma.max() <= torch.tensor(0.6)
     for per_sample in (False, True):
-        layer = Jumpout(per_sample=per_sample)
-        assert torch.equal(layer(torch.zeros(8, 16)), torch.zeros(8, 16))
-        assert torch.isfinite(layer(x)).all()
+        for active_fraction in ("batch", "sample"):
+            layer = Jumpout(p_max=1.0, sampling=sampling, per_sample=per_sample,
+                            active_fraction=active_fraction)
+            assert torch.equal(layer(torch.zeros(8, 16)), torch.zeros(8, 16))
+            lone = torch.zeros(8, 16)
+            lone[0, 0] = 1.0  # q+ = 1/128: almost every p exceeds it, p' = 1, no inf * 0
+            source = x.clone().requires_grad_()
+            for inputs in (lone, source):
+                out = layer(inputs)
+                assert torch.isfinite(out).all()
+            out.sum().backward()
+            assert torch.isfinite(source.grad).all()
+    with pytest.raises(ValueError, match="rank >= 2"):
+        Jumpout(per_sample=True)(torch.rand(5))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        Jumpout(active_fraction="sample")(torch.rand(5))
+    assert Jumpout()(torch.rand(5)).shape == (5,)
+    assert Jumpout()(torch.tensor(2.0)).shape == ()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"per_sample": True, "active_fraction": "sample"},
+        {"sampling": "truncated", "record_rates": True},
+    ],
+    ids=["algorithm1_per_sample", "truncated_per_call"],
+)
+def test_jumpout_compiles_without_graph_breaks(options):
+    layer = Jumpout(**options)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = binary_relu_input(64, 32, 0.5).requires_grad_()
+    y = compiled(x)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.equal(y[x <= 0], torch.zeros_like(y[x <= 0]))
+    assert compiled.eval()(x) is x
 
 
 # ---------------------------------------------------------------- RelevanceDropout
@@ -323,6 +467,8 @@ LAYERS = {
     "standout": lambda: make_standout(),
     "jumpout": lambda: Jumpout(),
     "jumpout_per_sample": lambda: Jumpout(per_sample=True),
+    "jumpout_own_fraction": lambda: Jumpout(per_sample=True, active_fraction="sample"),
+    "jumpout_truncated": lambda: Jumpout(sampling="truncated"),
     "relevance": lambda: RelevanceDropout(p=0.5, refresh_every=1),
 }
 
@@ -339,7 +485,7 @@ def test_reproducible_under_manual_seed_and_fresh_masks(name):
     assert not torch.equal(first, second)
 
 
-@pytest.mark.parametrize("name", ["jumpout", "jumpout_per_sample", "relevance"])
+@pytest.mark.parametrize("name", [name for name in LAYERS if name != "standout"])
 def test_identity_at_eval(name):
     layer = LAYERS[name]().eval()
     x = hidden_input()
@@ -358,6 +504,10 @@ def test_identity_at_eval(name):
         (lambda: Jumpout(p_max=1.5), "p_max"),
         (lambda: Jumpout(p_min=-0.1), "p_min"),
         (lambda: Jumpout(sigma=0.0), "sigma"),
+        (lambda: Jumpout(sampling="clipped"), "sampling"),
+        (lambda: Jumpout(per_sample=1), "per_sample"),
+        (lambda: Jumpout(active_fraction="layer"), "active_fraction"),
+        (lambda: Jumpout(record_rates="yes"), "record_rates"),
         (lambda: RelevanceDropout(p=1.5), "p"),
         (lambda: RelevanceDropout(p=-0.1), "p"),
         (lambda: RelevanceDropout(p=0.9, p_max=0.5), "p"),
@@ -376,7 +526,10 @@ def test_bad_arguments_raise_value_error_naming_the_argument(build, argument):
 
 def test_extra_repr():
     assert repr(make_standout()).startswith("Standout(\n  alpha=2.0, beta=-0.5")
-    assert repr(Jumpout()) == "Jumpout(p_min=0.01, p_max=0.6, sigma=0.3, per_sample=False)"
+    assert repr(Jumpout()) == (
+        "Jumpout(p_min=0.01, p_max=0.6, sigma=0.3, sampling='algorithm1', per_sample=False, "
+        "active_fraction='batch')"
+    )
     assert repr(RelevanceDropout(p=0.2, refresh_every=5)) == (
         "RelevanceDropout(p=0.2, p_max=0.95, refresh_every=5, method='grad_x_input', eps=1e-06)"
     )

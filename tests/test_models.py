@@ -89,8 +89,10 @@ def test_same_seed_same_model_and_output(name, kwargs, make_input):
 
 
 def test_build_model_rejects_unknown_names():
-    with pytest.raises(ValueError, match="name"):
+    with pytest.raises(ValueError, match=r"name must be one of \[wrn, gpt\], got 'resnet50'"):
         build_model("resnet50")
+    assert isinstance(build_model("wide_resnet", width=1), WideResNet)  # the alias of wrn
+    assert isinstance(build_model("wrn", width=1), WideResNet)
 
 
 # -- causality ---------------------------------------------------------------------------------

@@ -9,16 +9,11 @@ from torch import nn
 
 from autodropout.errors import BadInput
 from autodropout.layers import DropBlock2d, DropPath, GaussianDropout, Jumpout, SpatialDropout
+from workers.baselines import BASELINE_FORMS, Baseline, check_model, parse_regularizer
 from workers.datasets import Images, synthetic_images
 from workers.final import check_fits, summarize, training_subset
 from workers.models import GPTLanguageModel, WideBlock, WideResNet
-from workers.regularizers import (
-    BASELINE_FORMS,
-    Baseline,
-    apply_baseline,
-    check_model,
-    parse_regularizer,
-)
+from workers.regularizers import apply_baseline
 
 
 @pytest.mark.parametrize(("ref", "expected", "canonical"), [
@@ -263,3 +258,13 @@ def test_summarize_gives_mean_and_sample_std():
     assert mean == 2.0 and std == 1.0
     mean, std = summarize([0.5])
     assert mean == 0.5 and std != std
+
+
+def test_parsing_baselines_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, workers.baselines as b; b.parse_regularizer('dropblock:0.1:3'); "
+            "b.Baseline('jumpout', 0.6); print(','.join(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -25,6 +25,7 @@ def search_args(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_search_end_to_end(ray_session, search_args, capsys):
     assert main(search_args("--trials", "6", "--concurrent", "2", "--name", "e2e")) == 0
     out = capsys.readouterr().out
@@ -42,6 +43,7 @@ def test_search_end_to_end(ray_session, search_args, capsys):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_random_controller_and_warm_start(ray_session, search_args):
     assert main(search_args("--trials", "2", "--controller", "random", "--name", "rand")) == 0
     assert main(search_args("--trials", "2", "--name", "first")) == 0
@@ -82,11 +84,12 @@ def run_cli(*args, env=None):
 
 @pytest.mark.parametrize("change,message", [
     (("--space", "nope"), "unknown search space 'nope'"),
-    (("--dataset", "imagenet"), "--dataset: unknown dataset 'imagenet'"),
+    (("--dataset", "imagenet"), "--dataset must be one of [fashion-mnist, mnist, cifar-10"),
     (("--address", "127.0.0.1:1"), "--address: cannot reach Ray at 127.0.0.1:1"),
     (("--resume", "never-ran"), "--resume: no search named 'never-ran'"),
-    (("--trials", "0"), "--trials: must be at least 1"),
-    (("--set", "lr=fast"), "--set lr: expected float, got 'fast'"),
+    (("--trials", "0"), "--trials must be a positive integer, got 0"),
+    (("--set", "lr=fast"), "--set lr must be a number, got 'fast'"),
+    (("--set", "layers=0"), "--set layers must be a positive integer, got 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, change, message):
     db = tmp_path / "patterns.db"
@@ -102,6 +105,16 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, chan
             assert store.searches() == []
 
 
+def test_options_outside_the_cli_are_checked_by_the_service():
+    from autodropout.errors import BadInput
+    from controller.service import SearchOptions, check_options
+
+    with pytest.raises(BadInput, match=r"--controller must be one of \[rl, random\], got 'grid'"):
+        check_options(SearchOptions(controller="grid"))
+    with pytest.raises(BadInput, match="--concurrent must be a positive integer, got 0"):
+        check_options(SearchOptions(concurrent=0))
+
+
 def test_unwritable_database_is_exit_2(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")  # tests run as root here, so permissions would not stop it
@@ -111,4 +124,4 @@ def test_unwritable_database_is_exit_2(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("autodropout: error: cannot open pattern store")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "experiments").exists()
-    assert result.stderr.startswith("autodropout: error: cannot open pattern store")
+    assert str(not_a_folder) in result.stderr and result.stdout == ""

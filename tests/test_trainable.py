@@ -10,8 +10,7 @@ from test_datasets import write_idx_dataset
 
 import search_spaces
 from workers.datasets import load_dataset, synthetic_images
-from workers.trainable import build_child
-from workers.training import Budget
+from workers.training import Budget, build_child
 
 SMALL = {"train_examples": 128, "validation_examples": 64, "batch_size": 64}
 
@@ -79,6 +78,6 @@ def test_build_child_shapes_the_model_from_the_dataset():
     assert (model.fc.out_features, model.conv.in_channels) == (10, 1)
     with pytest.raises(ValueError, match="model 'wrn' needs a image dataset"):
         build_child(budget, load_dataset("synthetic-text"), seed=0, model_args={})
-    with pytest.raises(ValueError, match="model must be one of"):
+    with pytest.raises(ValueError, match=r"budget: model must be one of \[wrn, gpt\], got 'vgg'"):
         build_child(Budget.from_mapping(budget.__dict__, model="vgg"), load_dataset("synthetic"),
                     seed=0, model_args={})

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import search_spaces
-from autodropout.patterns import apply_pattern
+from autodropout.patterns import PatternDropout, apply_pattern
 from workers.datasets import load_dataset, validation_split
 from workers.models import GPTLanguageModel, build_model
 from workers.training import Budget, reward_from_perplexity, site_selectors, train_child
@@ -58,13 +58,61 @@ def test_learns_with_a_pattern_and_reports_each_epoch(holdout, pattern):
     # above chance (0.1) by 6 standard deviations of a guesser's accuracy on 128 examples
     assert last["val_accuracy"] > 0.1 + 6 * math.sqrt(0.1 * 0.9 / 128)
     assert last["reward"] == last["val_accuracy"]
-    assert not hasattr(model, "autodropout_patterns")  # the pattern was taken out
+    assert_pattern_removed(model)
+
+
+def assert_pattern_removed(model: nn.Module) -> None:
+    """No pattern layer, hook or reserved name is left, and the model computes what the same
+    weights without a pattern compute, in training mode too (where a left hook would drop)."""
+    assert not any(isinstance(module, PatternDropout) for module in model.modules())
+    assert not any(name.startswith("autodropout_") for name, _ in model.named_modules())
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    plain = tiny_convnet()
+    plain.load_state_dict(model.state_dict())
+    batch = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        for mode in (False, True):
+            model.train(mode), plain.train(mode)
+            assert torch.equal(model(batch), plain(batch))
+
+
+def dropped_fractions(holdout, pattern) -> tuple[list[float], list[tuple[int, ...]]]:
+    """Train one epoch, recording at each hooked BatchNorm's ReLU the fraction of exact
+    zeros in its input (the BatchNorm output after the pattern's hook) and its shape."""
+    model = tiny_convnet()
+    relus = [model[2], model[5]]  # after the two BatchNorm2d, the pattern's default sites
+    zeros: list[list[float]] = [[], []]
+    shapes: list[tuple[int, ...]] = [(), ()]
+
+    def recorder(index):
+        def hook(module, args):
+            if module.training:
+                zeros[index].append((args[0] == 0).float().mean().item())
+                shapes[index] = tuple(args[0].shape)
+        return hook
+
+    for index, relu in enumerate(relus):
+        relu.register_forward_pre_hook(recorder(index))
+    train_child(model, pattern, None, holdout, {**BUDGET, "epochs": 1})
+    return [sum(z) / len(z) for z in zeros], shapes
 
 
 def test_the_pattern_changes_training(holdout, pattern):
     _, with_pattern, _ = run(holdout, pattern, epochs=1)
     _, without, _ = run(holdout, None, epochs=1)
     assert with_pattern[0]["train_loss"] != without[0]["train_loss"]
+    # ... and the change is the pattern's: the hooked activations lose the fraction the
+    # pattern's own masks drop, at each site (and nothing without a pattern)
+    observed, shapes = dropped_fractions(holdout, pattern)
+    assert max(dropped_fractions(holdout, None)[0]) < 1e-3
+    torch.manual_seed(0)
+    for index, (fraction, shape) in enumerate(zip(observed, shapes)):
+        layer = PatternDropout.from_pattern(pattern, index if len(pattern) > 1 else 0)
+        expected = 1 - torch.stack([layer.keep_mask(torch.zeros(shape)).float().mean()
+                                    for _ in range(64)]).mean().item()
+        assert expected > 0.01
+        assert fraction == pytest.approx(expected, rel=0.15), (index, fraction, expected)
 
 
 def test_same_seed_same_run_other_seed_other_run(holdout, pattern):

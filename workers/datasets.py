@@ -23,7 +23,6 @@ import math
 import pickle
 import tarfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .download import locate
+from .registry import DATASETS
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 EOS, UNK = "<eos>", "<unk>"
@@ -104,11 +104,9 @@ class Holdout(NamedTuple):
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True,
                  mirror: str | None = None) -> DatasetBundle:
-    """Load dataset ``name`` (a key of :data:`LOADERS`); see :mod:`workers.download` for
-    where its files are looked for and downloaded from."""
-    if name not in LOADERS:
-        raise ValueError(f"name must be one of {', '.join(LOADERS)}; got {name!r}")
-    return LOADERS[name](name, data_dir, download, mirror)
+    """Load dataset ``name`` (a name of :data:`~workers.registry.DATASETS`); see
+    :mod:`workers.download` for where its files are looked for and downloaded from."""
+    return DATASETS.get(name, "name")(name, data_dir, download, mirror)
 
 
 def validation_split(train: Images | Tensor, validation_examples: int,
@@ -347,14 +345,3 @@ def _load_synthetic_text(name: str, *_) -> DatasetBundle:
     vocab = tuple(f"w{i}" for i in range(16))
     return DatasetBundle(name, synthetic_tokens(16384, len(vocab)),
                          synthetic_tokens(4096, len(vocab), SYNTHETIC_SEED + 1), vocab=vocab)
-
-
-LOADERS: dict[str, Callable[..., DatasetBundle]] = {
-    "fashion-mnist": _load_idx,
-    "mnist": _load_idx,
-    "cifar-10": _load_cifar10,
-    "ptb": _load_text,
-    "wikitext-2": _load_text,
-    "synthetic": _load_synthetic,
-    "synthetic-text": _load_synthetic_text,
-}

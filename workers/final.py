@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from autodropout.errors import BadInput
 from autodropout.patterns import Pattern
 
+from .baselines import Baseline
 from .datasets import DatasetBundle, Holdout, Images
-from .regularizers import Baseline, apply_baseline
-from .trainable import build_child
-from .training import Budget, evaluate_child, site_selectors, train_child
+from .regularizers import apply_baseline
+from .training import Budget, build_child, evaluate_child, site_selectors, train_child
 
 Regularizer = Baseline | Pattern
 MONITOR = {"image": 1024, "text": 16384}
@@ -81,7 +81,7 @@ def train_final(bundle: DatasetBundle, budget: Budget, regularizer: Regularizer,
     started = time.perf_counter()
     train = bundle.train if train is None else train
     monitor = training_subset(train, min(len(train), MONITOR[bundle.kind]))
-    model = build_child(budget, bundle, seed, {})
+    model = build_child(budget, bundle, seed)
     pattern, sites = None, None
     if isinstance(regularizer, Baseline):
         apply_baseline(model, regularizer)

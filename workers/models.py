@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from autodropout.layers.base import check_probability
 
+from .registry import MODELS
+
 
 def _check_positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -249,16 +251,13 @@ class GPTLanguageModel(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
-MODELS: dict[str, type[nn.Module]] = {"wide_resnet": WideResNet, "gpt": GPTLanguageModel}
-
-
 def build_model(name: str, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """Build the child model ``name`` (a key of :data:`MODELS`) with ``kwargs``.
+    """Build the child model ``name`` (a name or alias of :data:`~workers.registry.MODELS`:
+    ``wrn``/``wide_resnet`` or ``gpt``) with ``kwargs``.
 
     Seeds torch's global generator with ``seed`` first, so the same seed and arguments
     give identical parameters.
     """
-    if name not in MODELS:
-        raise ValueError(f"name must be one of {', '.join(MODELS)}; got {name!r}")
+    model = MODELS.get(name, "name")
     torch.manual_seed(seed)
-    return MODELS[name](**kwargs)
+    return model(**kwargs)

@@ -30,16 +30,14 @@ from typing import Any
 import ray
 import torch
 from ray import tune
-from torch import nn
 
 import search_spaces
 from autodropout.patterns import Pattern
 
 from .datasets import DatasetBundle, load_dataset, validation_split
-from .models import build_model
-from .training import Budget, site_selectors, train_child
+from .training import Budget, build_child, site_selectors, train_child
 
-MODEL_NAMES = {"wrn": "wide_resnet", "wide_resnet": "wide_resnet", "gpt": "gpt"}
+__all__ = ["claim_device", "make_trainable", "pattern_trainable"]
 
 
 def make_trainable(bundle: DatasetBundle):
@@ -81,21 +79,3 @@ def claim_device() -> tuple[torch.device, int]:
     granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(granted)))
     return torch.device("cpu"), torch.get_num_threads()
-
-
-def build_child(budget: Budget, data: DatasetBundle, seed: int,
-                model_args: dict[str, Any]) -> nn.Module:
-    """The budget's child model, shaped for ``data`` (classes and channels, or vocabulary)."""
-    if budget.model not in MODEL_NAMES:
-        raise ValueError(f"budget: model must be one of {', '.join(MODEL_NAMES)}, "
-                         f"got {budget.model!r}")
-    name = MODEL_NAMES[budget.model]
-    needs = "text" if name == "gpt" else "image"
-    if data.kind != needs:
-        raise ValueError(f"budget: model {budget.model!r} needs a {needs} dataset, "
-                         f"got {data.name!r}")
-    if name == "gpt":
-        shape = {"vocab_size": data.vocab_size, "context": budget.context}
-    else:
-        shape = {"num_classes": data.num_classes, "in_channels": data.in_channels}
-    return build_model(name, seed=seed, **shape, **model_args)

@@ -30,7 +30,9 @@ from torch import Tensor, nn
 
 from autodropout.patterns import CONV, Pattern, apply_pattern
 
-from .datasets import Holdout, Images
+from .datasets import DatasetBundle, Holdout, Images
+from .models import build_model
+from .registry import MODEL_DATA, MODELS
 
 DIVERGENCE_FACTOR = 10.0
 ENAS_PERPLEXITY_SCALE = 80.0
@@ -77,6 +79,22 @@ def reward_from_perplexity(perplexity: float) -> float:
     if not math.isfinite(perplexity) or perplexity <= 0:
         return 0.0
     return ENAS_PERPLEXITY_SCALE / perplexity
+
+
+def build_child(budget: Budget, data: DatasetBundle, seed: int,
+                model_args: Mapping[str, Any] | None = None) -> nn.Module:
+    """The budget's child model (a name of :data:`~workers.registry.MODELS`), shaped for
+    ``data`` (classes and channels, or vocabulary)."""
+    name = MODELS.canonical(budget.model, "budget: model")
+    needs = MODEL_DATA[name]
+    if data.kind != needs:
+        raise ValueError(f"budget: model {budget.model!r} needs a {needs} dataset, "
+                         f"got {data.name!r}")
+    if name == "gpt":
+        shape = {"vocab_size": data.vocab_size, "context": budget.context}
+    else:
+        shape = {"num_classes": data.num_classes, "in_channels": data.in_channels}
+    return build_model(name, seed=seed, **shape, **(model_args or {}))
 
 
 def site_selectors(pattern: Pattern, site_modules: Sequence[str | None]) -> dict | None:

@@ -9,7 +9,10 @@ or removed. Times are ISO 8601 UTC strings, rewards and metric values numbers (`
 when absent), hashes full 64-digit SHA-256 hex.
 
 * ``patterns list --json``: a list, best first, of
-  ``{"id", "hash", "kind", "reward", "search", "trial", "space", "dataset", "model", "tags"}``.
+  ``{"id", "hash", "kind", "reward", "search", "trial", "space", "dataset", "model", "tags"}``;
+  without trial filters (``--space``, ``--dataset``, ``--model``, ``--search``,
+  ``--min-reward``) patterns with no completed trial (imported ones) follow, newest first,
+  with ``reward``, ``search``, ``trial``, ``dataset`` and ``model`` null.
 * ``patterns show REF --json``: ``{"id", "hash", "kind", "space", "tags", "created_at",
   "pattern", "best_reward", "trials", "final_evaluations"}``; ``pattern`` is the exported
   pattern object, ``trials`` a list of ``{"search", "trial", "reward", "status"}`` (best
@@ -47,7 +50,6 @@ DEFAULT_SHAPES = {"conv": (1, 32, 32), "sequence": (32, 64)}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    common = db_option()
     group = commands.add_parser(
         "patterns",
         epilog=JSON_HELP,
@@ -56,54 +58,56 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Stored dropout patterns. REF is a tag, a pattern id or a hash prefix.",
     )
     sub = group.add_subparsers(dest="patterns_command", metavar="COMMAND", required=True)
+    common = db_option()
+    for add in (_add_list, _add_show, _add_export, _add_import, _add_tag):
+        add(sub, common)
 
-    listing = sub.add_parser("list", parents=[common], help="the best patterns, as a table")
+
+def _add_list(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    listing = sub.add_parser("list", parents=[common],
+                             help="the best patterns, then those not tried yet, as a table")
     listing.add_argument("--space", help="only trials of searches over this space")
     listing.add_argument("--dataset", help="only trials on this dataset")
     listing.add_argument("--model", help="only trials of this model")
     listing.add_argument("--search", help="only trials of this search")
     listing.add_argument("--kind", choices=("conv", "sequence"), help="only this kind")
     listing.add_argument("--min-reward", type=float, metavar="R", help="only rewards >= R")
-    listing.add_argument(
-        "--top",
-        type=positive_int,
-        default=DEFAULT_TOP,
-        metavar="K",
-        help=f"how many patterns (default {DEFAULT_TOP})",
-    )
+    listing.add_argument("--top", type=positive_int, default=DEFAULT_TOP, metavar="K",
+                         help=f"how many patterns (default {DEFAULT_TOP})")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_patterns_list)
 
+
+def _add_show(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     show = sub.add_parser(
         "show", parents=[common], help="parameters, provenance, reward and final evaluations"
     )
     show.add_argument("ref", metavar="REF")
     show.add_argument("--png", metavar="FILE", help="also render the pattern's masks to FILE")
-    show.add_argument(
-        "--shape",
-        type=_shape,
-        metavar="DIMS",
-        help="activation shape for --png: C,H,W (conv, default 1,32,32) or "
-        "T,C (sequence, default 32,64)",
-    )
+    show.add_argument("--shape", type=_shape, metavar="DIMS",
+                      help="activation shape for --png: C,H,W (conv, default 1,32,32) or "
+                      "T,C (sequence, default 32,64)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=_patterns_show)
 
+
+def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", parents=[common], help="write a pattern file")
     export.add_argument("ref", metavar="REF")
-    export.add_argument(
-        "--format",
-        choices=("json", "yaml"),
-        help="file format (default: from -o's suffix, else json)",
-    )
+    export.add_argument("--format", choices=("json", "yaml"),
+                        help="file format (default: from -o's suffix, else json)")
     export.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
     export.set_defaults(handler=_patterns_export)
 
+
+def _add_import(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     load = sub.add_parser("import", parents=[common], help="validate and store a pattern file")
     load.add_argument("file", metavar="FILE")
     load.add_argument("--json", action="store_true", help="machine-readable output")
     load.set_defaults(handler=_patterns_import)
 
+
+def _add_tag(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     tag = sub.add_parser("tag", parents=[common], help="point tag NAME at the pattern REF")
     tag.add_argument("ref", metavar="REF")
     tag.add_argument("name", metavar="NAME")
@@ -120,66 +124,49 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+TRIAL_FILTERS = ("space", "dataset", "model", "search", "min_reward")
+
+
 def _patterns_list(args: argparse.Namespace) -> int:
+    filters = {name: getattr(args, name) for name in TRIAL_FILTERS}
     with open_store(args) as store:
-        ranked = store.best(
-            args.top,
-            kind=args.kind,
-            space=args.space,
-            dataset=args.dataset,
-            model=args.model,
-            search=args.search,
-            min_reward=args.min_reward,
-        )
-    rows = [
-        {
-            "id": hit.record.id,
-            "hash": hit.record.hash,
-            "kind": hit.record.kind,
-            "reward": hit.reward,
-            "search": hit.search,
-            "trial": hit.trial_id,
-            "space": hit.space,
-            "dataset": hit.dataset,
-            "model": hit.model,
-            "tags": list(hit.record.tags),
-        }
-        for hit in ranked
-    ]
+        ranked = store.best(args.top, kind=args.kind, **filters)
+        untried = []
+        if len(ranked) < args.top and all(value is None for value in filters.values()):
+            untried = store.untried(args.top - len(ranked), kind=args.kind)
+    rows = [_ranked_json(hit) for hit in ranked] + [_untried_json(record) for record in untried]
     if args.json:
         return print_json(rows)
     if not rows:
-        print("no completed trials match")
+        print("no patterns match" if any(filters.values()) or args.kind else "no patterns stored")
         return 0
-    header = (
-        "ID",
-        "HASH",
-        "KIND",
-        "REWARD",
-        "SEARCH",
-        "TRIAL",
-        "SPACE",
-        "DATASET",
-        "MODEL",
-        "TAGS",
-    )
-    body = [
-        (
-            str(row["id"]),
-            row["hash"][:12],
-            row["kind"],
-            number(row["reward"]),
-            row["search"],
-            row["trial"],
-            row["space"],
-            row["dataset"],
-            row["model"],
-            ",".join(row["tags"]),
-        )
-        for row in rows
-    ]
+    header = ("ID", "HASH", "KIND", "REWARD", "SEARCH", "TRIAL", "SPACE", "DATASET", "MODEL",
+              "TAGS")
+    keys = ("id", "hash", "kind", "reward", "search", "trial", "space", "dataset", "model")
+    body = [(*(_cell(key, row[key]) for key in keys), ",".join(row["tags"])) for row in rows]
     print_table(header, body, right=("ID", "REWARD"))
     return 0
+
+
+def _ranked_json(hit: Any) -> dict[str, Any]:
+    return {"id": hit.record.id, "hash": hit.record.hash, "kind": hit.record.kind,
+            "reward": hit.reward, "search": hit.search, "trial": hit.trial_id,
+            "space": hit.space, "dataset": hit.dataset, "model": hit.model,
+            "tags": list(hit.record.tags)}
+
+
+def _untried_json(record: Any) -> dict[str, Any]:
+    return {"id": record.id, "hash": record.hash, "kind": record.kind, "reward": None,
+            "search": None, "trial": None, "space": record.pattern.space, "dataset": None,
+            "model": None, "tags": list(record.tags)}
+
+
+def _cell(key: str, value: Any) -> str:
+    if key == "reward":
+        return number(value) if value is not None else ""
+    if key == "hash":
+        return value[:12]
+    return "-" if value is None else str(value)
 
 
 def _patterns_show(args: argparse.Namespace) -> int:

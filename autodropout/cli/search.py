@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from controller.registry import CONTROLLERS
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser(
@@ -19,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     search.add_argument("--trials", type=int, default=20, help="number of trials (default: 20)")
     search.add_argument("--concurrent", type=int, default=2, help="trials at once (default: 2)")
     search.add_argument("--epochs", type=int, help="epochs per trial (default: the space's budget)")
-    search.add_argument("--controller", choices=("rl", "random"), default="rl")
+    search.add_argument("--controller", choices=CONTROLLERS.names(), default="rl")
     search.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)")
     search.add_argument("--db", help="pattern store URL (default: $AUTODROPOUT_DB or the local SQLite file)")
     search.add_argument("--name", help="search name (default: SPACE-DATASET-TIMESTAMP)")
@@ -38,24 +40,24 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def parse_settings(pairs: list[str]) -> dict[str, float | int | str]:
+    """``--set KEY=VALUE`` pairs, each parsed and checked by its row of the one settings table
+    (:data:`search_spaces.settings.CONTROLLER_SETTINGS`; KEY: a setting with a default)."""
     from autodropout.errors import BadInput
-    from controller.controllers import DEFAULTS
+    from search_spaces.settings import CONTROLLER_DEFAULTS, CONTROLLER_SETTINGS
 
     settings: dict[str, float | int | str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or key not in DEFAULTS:
-            raise BadInput(f"--set: expected KEY=VALUE with KEY one of {', '.join(DEFAULTS)}; got {pair!r}")
-        kind = type(DEFAULTS[key])
-        try:
-            settings[key] = kind(raw)
-        except ValueError:
-            raise BadInput(f"--set {key}: expected {kind.__name__}, got {raw!r}") from None
+        if not sep or key not in CONTROLLER_DEFAULTS:
+            raise BadInput(f"--set: expected KEY=VALUE with KEY one of "
+                           f"{', '.join(CONTROLLER_DEFAULTS)}; got {pair!r}")
+        settings[key] = CONTROLLER_SETTINGS[key].parse(raw, f"--set {key}", BadInput)
     return settings
 
 
 def run(args: argparse.Namespace) -> int:
     from controller.service import SearchOptions, run_search
+    from patterns_db.states import SearchState
 
     options = SearchOptions(
         space=args.space, dataset=args.dataset, model=args.model, trials=args.trials,
@@ -79,4 +81,4 @@ def run(args: argparse.Namespace) -> int:
     if result.best_hash:
         print(f"best pattern tagged {result.name}-best")
         print(f"export it: autodropout patterns export {result.name}-best -o pattern.json")
-    return 0 if result.status == "completed" else 1
+    return 0 if result.status is SearchState.COMPLETED else 1

@@ -10,8 +10,10 @@ when absent), hashes full 64-digit SHA-256 hex.
 * ``searches list --json``: a list, oldest first, of ``{"name", "space", "dataset", "model",
   "status", "host", "started_at", "finished_at", "trials", "trials_by_status",
   "best_reward", "best_trial", "best_hash"}``.
-* ``searches show NAME --json``: the same object plus ``"controller_settings"`` and
-  ``"curve"``, a list of ``{"trial", "status", "reward", "best_so_far"}`` in trial order.
+* ``searches show NAME --json``: the same object plus ``"controller_settings"``,
+  ``"curve"``, a list of ``{"trial", "status", "reward", "best_so_far"}`` in trial order,
+  and ``"trial_table"``, a list of ``{"trial", "status", "reward", "epochs", "pattern",
+  "error"}`` in the same order (``pattern`` the full hash, ``epochs`` the last reported).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def _searches_list(args: argparse.Namespace) -> int:
 def _searches_show(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         summary = store.search_summary(args.name)
-        trials = store.trials(args.name, with_metrics=False)
+        trials = store.trials(args.name)
     curve = _reward_curve(trials)
     if args.png:
         _plot_curve(args.name, curve, args.png)
@@ -119,6 +121,7 @@ def _searches_show(args: argparse.Namespace) -> int:
         **_search_json(summary),
         "controller_settings": summary.search.controller_settings,
         "curve": curve,
+        "trial_table": [_trial_json(trial) for trial in trials],
     }
     if args.json:
         return print_json(result)
@@ -144,9 +147,31 @@ def _searches_show(args: argparse.Namespace) -> int:
             ("controller", json.dumps(result["controller_settings"], sort_keys=True)),
         ]
     )
+    _print_trials(result["trial_table"])
     if args.png:
         print(f"\nreward curve plotted to {args.png}")
     return 0
+
+
+def _trial_json(trial: Any) -> dict[str, Any]:
+    epochs = [step["epoch"] for step in trial.metrics if "epoch" in step]
+    return {"trial": trial.trial_id, "status": str(trial.status), "reward": trial.reward,
+            "epochs": int(max(epochs)) if epochs else len(trial.metrics),
+            "pattern": trial.pattern_hash, "error": trial.error}
+
+
+def _print_trials(trials: list[dict[str, Any]]) -> None:
+    print(f"\ntrials ({len(trials)}, in the order recorded):")
+    if not trials:
+        print("  none")
+        return
+    print_table(
+        ("TRIAL", "STATUS", "REWARD", "EPOCHS", "PATTERN", "ERROR"),
+        [(t["trial"], t["status"], number(t["reward"]), str(t["epochs"]), t["pattern"][:12],
+          (t["error"] or "")[:60]) for t in trials],
+        right=("REWARD", "EPOCHS"),
+        indent="  ",
+    )
 
 
 def _reward_curve(trials: Sequence[Any]) -> list[dict[str, Any]]:
@@ -168,6 +193,7 @@ def _reward_curve(trials: Sequence[Any]) -> list[dict[str, Any]]:
 def _plot_curve(name: str, curve: list[dict[str, Any]], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(7, 4), layout="constrained")
     FigureCanvasAgg(figure)
@@ -182,6 +208,7 @@ def _plot_curve(name: str, curve: list[dict[str, Any]], path: str) -> None:
         ax.scatter(*zip(*done, strict=True), s=10, alpha=0.5, label="completed trial")
         ax.step(*zip(*best, strict=True), where="post", color="C3", label="best so far")
         ax.legend(loc="lower right")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
     ax.set_xlabel("trial (in order recorded)")
     ax.set_ylabel("reward")
     ax.set_title(f"search {name}: reward over trials")

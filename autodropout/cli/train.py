@@ -1,8 +1,8 @@
 """``autodropout train``: final training of a pattern or a baseline, scored on the test split.
 
-Trains on the training split (all of it unless ``--train-examples``), evaluates on the test
-split for each seed, prints mean and standard deviation, and stores every seed's test
-metric in the pattern store as a final evaluation of the pattern or the baseline.
+Parses the flags, runs :func:`workers.service.run_training` (which trains on the training
+split, evaluates on the test split for each seed and stores every seed's test metric) and
+renders its progress bars and result table. Building the parser imports no torch.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ import argparse
 import sys
 from typing import Any
 
-DEFAULT_SPACES = {"wrn": "convnet", "gpt": "transformer"}
-PATTERN_KINDS = {"wrn": "conv", "gpt": "sequence"}
-# workers.regularizers.BASELINE_FORMS, written out so that building the parser imports no torch
-BASELINE_HELP = ("none, dropout:P, spatial:P, dropblock:P[:SIZE], droppath:P, gaussian:P, "
-                 "jumpout[:PMAX]")
+from workers.baselines import BASELINE_FORMS
+from workers.registry import MODELS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -27,11 +24,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "standard deviation, and store every result.",
     )
     train.add_argument("--dataset", required=True, help="dataset, e.g. fashion-mnist or ptb")
-    train.add_argument("--model", required=True, choices=tuple(DEFAULT_SPACES),
+    train.add_argument("--model", required=True, choices=MODELS.names(),
                        help="child model: wrn (images) or gpt (text)")
     train.add_argument("--regularizer", required=True, metavar="REF",
                        help="a pattern (tag, id, hash prefix or file) or a baseline: "
-                       + BASELINE_HELP)
+                       + ", ".join(BASELINE_FORMS))
     train.add_argument("--epochs", type=int, help="epochs (default: the space's budget)")
     train.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     train.add_argument("--train-examples", type=int, metavar="N",
@@ -49,144 +46,70 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from patterns_db import PatternStore
-    from workers.final import metric_name, summarize, train_final, training_subset
-    from workers.regularizers import check_model, parse_regularizer
+    from workers.service import TrainOptions, run_training
 
-    from .output import print_table
-
-    check_counts(args)
-    baseline = parse_regularizer(args.regularizer)
-    if baseline is not None:
-        check_model(baseline, "gpt" if args.model == "gpt" else "wide_resnet")
-    with PatternStore(args.db) as store:
-        pattern = None if baseline is not None else resolve_pattern(args, store)
-        space = choose_space(args, pattern)
-        bundle = load_data(args)
-        budget = make_budget(args, space, bundle)
-        train = training_subset(bundle.train, args.train_examples)
-        site_modules = space.site_modules if pattern and len(pattern) == space.num_sites else ()
-        subject = str(baseline) if baseline is not None else f"pattern {pattern.hash[:12]}"
-        device = args.device or default_device()
-        print(f"training {args.model} on {args.dataset} ({len(train)} training examples, "
-              f"{len(bundle.test)} test) with {subject}: {plural(budget.epochs, 'epoch')}, "
-              f"seeds 0-{args.seeds - 1}, {device}")
-        results = []
-        for seed in range(args.seeds):
-            with EpochBar(seed, budget.epochs, args.quiet) as bar:
-                result = train_final(bundle, budget, baseline or pattern, seed, train=train,
-                                     site_modules=site_modules, device=device, report=bar.update)
-            results.append(result)
-            if is_storable(result.value):
-                link = {"baseline": str(baseline)} if baseline is not None else {"pattern": pattern}
-                store.add_final_evaluation(args.dataset, args.model, seed, result.metric,
-                                           result.value, **link)
-        metric = metric_name(bundle)
-        stored = [r for r in results if is_storable(r.value)]
-        print_table(
-            ("SEED", metric.upper(), "TEST_LOSS", "EPOCHS", "SECONDS", "NOTE"),
-            [(str(r.seed), f"{r.value:.4f}", f"{r.test_loss:.4f}", str(r.epochs),
-              f"{r.seconds:.0f}", note(r)) for r in results],
-            right=(metric.upper(), "TEST_LOSS", "EPOCHS", "SECONDS"),
-        )
-        mean, std = summarize([r.value for r in stored])
-        spread = "-" if std != std else f"{std:.4f}"
-        print(f"{metric}: mean {mean:.4f}, std {spread} over {plural(len(stored), 'seed')}")
-        print(f"stored {plural(len(stored), 'final evaluation')} of {subject} in {store.url}")
+    options = TrainOptions(
+        dataset=args.dataset, model=args.model, regularizer=args.regularizer, epochs=args.epochs,
+        seeds=args.seeds, train_examples=args.train_examples, space=args.space, db=args.db,
+        data_dir=args.data_dir, device=args.device)
+    outcome = run_training(options, ProgressReport(args.quiet))
+    render(outcome)
     return 0
 
 
-def check_counts(args: argparse.Namespace) -> None:
-    from autodropout.errors import BadInput
+def render(outcome: Any) -> None:
+    """The table of seeds, their mean and spread, and where they were stored."""
+    from .output import print_table
 
-    for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs),
-                        ("--train-examples", args.train_examples)):
-        if value is not None and value < 1:
-            raise BadInput(f"{flag}: must be at least 1, got {value}")
-
-
-def resolve_pattern(args: argparse.Namespace, store: Any):
-    """The pattern ``--regularizer`` names: a file, else a tag, id or hash prefix in the store."""
-    from autodropout.errors import BadInput, NotFound
-    from autodropout.patterns.files import read_pattern_file
-    from workers.regularizers import BASELINE_FORMS, is_pattern_file
-
-    ref = args.regularizer.strip()
-    if is_pattern_file(ref):
-        pattern = read_pattern_file(ref)
-    else:
-        try:
-            pattern = store.resolve(ref).pattern
-        except NotFound as error:
-            raise NotFound(f"--regularizer: {error} in {store.url} (a baseline is one of "
-                           f"{', '.join(BASELINE_FORMS)})") from None
-    if pattern.kind != PATTERN_KINDS[args.model]:
-        raise BadInput(f"--regularizer: {ref!r} is a {pattern.kind} pattern; the {args.model} "
-                       f"model takes {PATTERN_KINDS[args.model]} patterns")
-    return pattern
+    metric = outcome.metric.upper()
+    print_table(
+        ("SEED", metric, "TEST_LOSS", "EPOCHS", "SECONDS", "NOTE"),
+        [(str(r.seed), f"{r.value:.4f}", f"{r.test_loss:.4f}", str(r.epochs),
+          f"{r.seconds:.0f}", note(r)) for r in outcome.results],
+        right=(metric, "TEST_LOSS", "EPOCHS", "SECONDS"),
+    )
+    mean, std = outcome.summary()
+    spread = "-" if std != std else f"{std:.4f}"
+    stored = len(outcome.stored)
+    print(f"{outcome.metric}: mean {mean:.4f}, std {spread} over {plural(stored, 'seed')}")
+    print(f"stored {plural(stored, 'final evaluation')} of {outcome.plan.subject} in "
+          f"{outcome.store_url}")
 
 
-def choose_space(args: argparse.Namespace, pattern: Any):
-    """``--space``, else the pattern's own space, else the model's shipped space."""
-    import search_spaces
+class ProgressReport:
+    """Prints what is trained, then one :class:`EpochBar` per seed (see
+    :class:`workers.service.TrainReport`)."""
 
-    if args.space:
-        return search_spaces.load(args.space)
-    if pattern is not None and pattern.space:
-        try:
-            return search_spaces.load(pattern.space)
-        except search_spaces.SpaceError:
-            print(f"autodropout: the pattern's space {pattern.space!r} is not shipped; using "
-                  f"{DEFAULT_SPACES[args.model]!r} (pass --space to choose)", file=sys.stderr)
-    return search_spaces.load(DEFAULT_SPACES[args.model])
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar: EpochBar | None = None
 
+    def start(self, plan: Any) -> None:
+        print(f"training {plan.model} on {plan.dataset} ({plan.train_examples} training examples, "
+              f"{plan.test_examples} test) with {plan.subject}: {plural(plan.epochs, 'epoch')}, "
+              f"seeds 0-{plan.seeds - 1}, {plan.device}")
 
-def load_data(args: argparse.Namespace):
-    from autodropout.errors import BadInput
-    from workers.datasets import LOADERS, load_dataset
+    def epoch(self, seed: int, metrics: dict[str, Any]) -> None:
+        if self.bar is None:
+            self.bar = EpochBar(seed, metrics["epochs"], self.quiet)
+        self.bar.update(metrics)
 
-    if args.dataset not in LOADERS:
-        raise BadInput(f"--dataset: unknown dataset {args.dataset!r}; known: "
-                       f"{', '.join(sorted(LOADERS))}")
-    try:
-        bundle = load_dataset(args.dataset, args.data_dir)
-    except (OSError, ValueError) as error:
-        raise BadInput(f"--dataset {args.dataset}: {error}") from None
-    needs = "text" if args.model == "gpt" else "image"
-    if bundle.kind != needs:
-        raise BadInput(f"--model {args.model} needs a {needs} dataset; {args.dataset} is "
-                       f"{bundle.kind}")
-    return bundle
+    def seed_done(self, seed: int, result: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
-
-def make_budget(args: argparse.Namespace, space: Any, bundle: Any):
-    from autodropout.errors import BadInput
-    from workers.training import Budget
-
-    overrides = {"dataset": args.dataset, "model": args.model}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    try:
-        return Budget.from_mapping(space.budget, **overrides)
-    except ValueError as error:
-        raise BadInput(f"--space {space.name}: {error}") from None
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    def note(self, message: str) -> None:
+        print(f"autodropout: {message}", file=sys.stderr)
 
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def is_storable(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
-
-
 def note(result: Any) -> str:
+    from workers.service import is_storable
+
     if not is_storable(result.value):
         return "diverged, not stored"
     return "diverged" if result.diverged else ""
@@ -210,8 +133,11 @@ class EpochBar:
                               refresh=False)
         self._bar.update(1)
 
+    def close(self) -> None:
+        self._bar.close()
+
     def __enter__(self) -> EpochBar:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._bar.close()
+        self.close()

@@ -9,11 +9,19 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from autodropout.validation import check_choice, check_int, check_probability, check_real
+from autodropout.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_probability,
+    check_real,
+)
 
 from .base import DropoutLayer
 
 RELEVANCE_METHODS = ("grad_x_input", "lrp_epsilon")
+JUMPOUT_SAMPLINGS = ("algorithm1", "truncated")
+JUMPOUT_FRACTIONS = ("batch", "sample")
 
 
 class Standout(DropoutLayer):
@@ -68,33 +76,77 @@ class Standout(DropoutLayer):
 
 
 class Jumpout(DropoutLayer):
-    r"""Jumpout (Wang, Zhou & Bilmes, 2019, "Jumpout: Improved Dropout for Deep Neural
-    Networks with ReLUs"), for inputs that come out of a ReLU.
+    r"""Jumpout: dropout at a random, activation-normalised rate, for inputs out of a ReLU.
 
-    1. A drop rate ``p`` is drawn from a monotone decreasing density, the half-normal
-       ``|N(0, sigma^2)|`` truncated to ``[p_min, p_max]`` (inverse CDF on device:
-       ``p = sigma sqrt(2) erfinv(u)``, ``u ~ U(erf(p_min / (sigma sqrt 2)),
-       erf(p_max / (sigma sqrt 2)))``). ``sigma=None`` means ``p_max / 2``.
-    2. Only active units (``x > 0``) can be deactivated, so plain dropout at rate ``p`` turns
-       off a fraction ``p q+`` of the layer, ``q+`` being the fraction of active units. The
-       rate is normalised to ``p' = min(p / q+, p_max)`` so that the deactivated fraction of
-       the layer is ``p`` whatever ``q+`` is; ``p'`` is the drop rate among active units. The
-       cap at ``p_max`` (applied when ``p > p_max q+``) is this implementation's choice: the
-       largest rate any unit ever sees is ``p_max``.
+    Each training forward follows Algorithm 1 of the paper. With ``q+`` the fraction of active
+    units (``x > 0``) and ``u`` uniform on ``[0, 1)`` per element:
+
+    .. math::
+        p = \min(p_{min} + |\epsilon|,\ p_{max}),\ \epsilon \sim N(0, \sigma^2); \qquad
+        p' = \min(p / q^+,\ 1); \qquad
+        y = x \cdot \mathbb{1}[u \ge p'] \cdot (1 - p')^{-0.75}
+
+    1. The drop probability ``p`` is drawn from a monotone decreasing distribution: a
+       half-normal of scale ``sigma`` shifted to start at ``p_min`` and clipped at ``p_max``,
+       so every draw beyond ``p_max`` becomes exactly ``p_max`` (a point mass of
+       ``P(|eps| >= p_max - p_min)``, about 4.9 % with the defaults). ``sampling="truncated"``
+       draws instead from the half-normal ``|N(0, sigma^2)|`` *conditioned* on
+       ``[p_min, p_max]`` (a density, no point mass; the paper's prose calls its distribution
+       a truncated half-Gaussian, Algorithm 1 clips).
+    2. Only active units can be deactivated, so ``p`` is normalised by ``q+``: ``p'`` is the
+       drop probability among active units and the expected deactivated fraction of the layer
+       is ``q+ p' = min(p, q+)``: ``p`` whatever ``q+`` is, as long as ``p <= q+``. The cap at
+       1 is the only cap, and it acts only when ``p > q+`` (fewer active units than the rate
+       asks to drop): then every active unit is dropped. Step 3 of Algorithm 1 writes no cap
+       (a rate above 1 is not a probability); this layer adds none below 1.
     3. Survivors are multiplied by ``(1 - p')^{-0.75}`` instead of ``1 / (1 - p')``, the
-       paper's compromise between keeping the mean and keeping the variance consistent with
-       eval (which matters when batch normalisation follows).
+       paper's compromise between keeping the mean and the variance consistent with eval
+       (which matters when batch normalisation follows).
 
-    ``y = x * m * (1 - p')^{-0.75}`` with ``m ~ Bernoulli(1 - p')``; identity at eval.
+    Zero inputs stay zero; negative inputs (e.g. a BatchNorm output before its ReLU) are
+    masked and scaled like the rest, so ``relu(y)`` equals Jumpout applied after the ReLU.
+    Identity at eval.
 
-    The paper (ICML version) normalises "at each layer and every training batch":
-    ``per_sample=False`` draws one ``p`` per call and computes ``q+`` over the whole batch.
-    ``per_sample=True`` draws one ``p`` per sample and normalises by that sample's own ``q+``
-    (the preprint's "every training sample/batch" option).
+    Granularity (section 3.4: Algorithm 1 is written for one data point; for a mini-batch
+    ``q+`` can be each sample's own or the average over the batch, and the paper uses the
+    average): ``per_sample`` chooses one ``p`` per call or one per sample (first axis);
+    ``active_fraction`` chooses ``q+`` over the whole batch (the mean of the samples' own
+    fractions) or per sample. The default, one ``p`` and the batch ``q+``, is the paper's
+    "adaptive dropout rate per mini-batch".
 
-    ``p`` is always a drop probability. With ``record_rates=True`` each training forward (not
-    Monte Carlo sampling) stores the sampled rates ``p``, before normalisation, in
-    :attr:`last_rates`.
+    Paper: Wang, Zhou & Bilmes, 2019, "Jumpout: Improved Dropout for Deep Neural Networks with
+    ReLUs" (Algorithm 1, section 3).
+
+    Args:
+        p_min: smallest drop probability ``p`` (the shift of the half-normal); paper: 0.01.
+        p_max: largest drop probability ``p`` (the clip); paper: 0.6.
+        sigma: standard deviation of the half-normal, the one hyper-parameter the paper tunes;
+            ``None`` means ``p_max / 2``.
+        sampling: ``"algorithm1"`` (default, ``min(p_min + |eps|, p_max)``) or
+            ``"truncated"`` (``|eps|`` conditioned on ``[p_min, p_max]``, by the inverse CDF
+            on device).
+        per_sample: one drop probability ``p`` per sample instead of one per call.
+        active_fraction: ``"batch"`` (default) or ``"sample"``: whose ``q+`` normalises ``p``.
+        record_rates: store the sampled ``p`` (before normalisation, shape ``(1,)`` or
+            ``(N,)``) of each training forward in :attr:`last_rates` (not under Monte Carlo
+            sampling, which leaves the layer as it was).
+
+    Shape: any input; with ``per_sample=True`` or ``active_fraction="sample"`` rank >= 2, the
+    first axis the batch. Output has the input's shape and dtype (the rates and mask are
+    float32, so bf16 autocast is fine).
+
+    Sampling, normalisation and masking are tensor operations on the input's device: no
+    host-device synchronisation and no branching on tensor values, so the forward compiles
+    under :func:`torch.compile` without graph breaks.
+
+    Example::
+
+        >>> layer = Jumpout(p_min=0.01, p_max=0.6, sigma=0.3)
+        >>> hidden = torch.relu(torch.randn(32, 64))
+        >>> layer(hidden).shape
+        torch.Size([32, 64])
+        >>> layer.eval()(hidden) is hidden
+        True
     """
 
     def __init__(
@@ -102,7 +154,9 @@ class Jumpout(DropoutLayer):
         p_min: float = 0.01,
         p_max: float = 0.6,
         sigma: float | None = None,
+        sampling: str = "algorithm1",
         per_sample: bool = False,
+        active_fraction: str = "batch",
         record_rates: bool = False,
     ) -> None:
         super().__init__()
@@ -113,12 +167,17 @@ class Jumpout(DropoutLayer):
         if sigma is None:
             sigma = self.p_max / 2 if self.p_max > 0 else 1.0
         self.sigma = check_real(sigma, "sigma", low=0, low_open=True)
-        self.per_sample = per_sample
-        self.record_rates = record_rates
+        self.sampling = check_choice(sampling, JUMPOUT_SAMPLINGS, "sampling")
+        self.per_sample = check_bool(per_sample, "per_sample")
+        self.active_fraction = check_choice(active_fraction, JUMPOUT_FRACTIONS, "active_fraction")
+        self.record_rates = check_bool(record_rates, "record_rates")
         self.last_rates: Tensor | None = None
 
     def sample_rates(self, n: int, device: torch.device | str | None = None) -> Tensor:
-        """``n`` float32 drop rates from the half-normal truncated to ``[p_min, p_max]``."""
+        """``n`` float32 drop probabilities ``p`` from the distribution ``sampling`` names."""
+        if self.sampling == "algorithm1":
+            rates = torch.randn(n, device=device).abs_().mul_(self.sigma).add_(self.p_min)
+            return rates.clamp_(max=self.p_max)
         to_erf = 1.0 / (self.sigma * math.sqrt(2.0))
         low, high = math.erf(self.p_min * to_erf), math.erf(self.p_max * to_erf)
         u = torch.rand(n, device=device).mul_(high - low).add_(low)
@@ -129,27 +188,37 @@ class Jumpout(DropoutLayer):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return x
-        if self.per_sample:
-            rates = self.sample_rates(x.shape[0], x.device)
-            active_fraction = (x > 0).flatten(1).float().mean(1)
-            broadcast = (-1,) + (1,) * (x.dim() - 1)
-        else:
-            rates = self.sample_rates(1, x.device)
-            active_fraction = (x > 0).float().mean().reshape(1)
-            broadcast = (1,) * x.dim()
+        by_sample = self.active_fraction == "sample"
+        if (self.per_sample or by_sample) and x.dim() < 2:
+            raise ValueError(
+                f"Jumpout: per-sample rates or active fractions need an input of rank >= 2 "
+                f"(batch first), got shape {tuple(x.shape)}"
+            )
+        rates = self.sample_rates(x.shape[0] if self.per_sample else 1, x.device)
         if self.record_rates and self.updates_state:
             self.last_rates = rates
+        active = x > 0
+        if by_sample:
+            active_fraction = active.flatten(1).float().mean(1)
+        else:
+            active_fraction = active.float().mean().reshape(1)
         tiny = torch.finfo(torch.float32).tiny
-        active_rates = (rates / active_fraction.clamp_min(tiny)).clamp_(max=self.p_max)
-        active_rates = active_rates.reshape(broadcast)
-        scale = (1.0 - active_rates).clamp_min(tiny).pow(-0.75)
+        # p = 0 with no active unit stays 0; any p > 0 with no active unit drops everything
+        active_rates = (rates / active_fraction.clamp_min(tiny)).clamp_(max=1.0)
+        if self.per_sample or by_sample:
+            active_rates = active_rates.reshape((-1,) + (1,) * (x.dim() - 1))
+        else:
+            active_rates = active_rates.reshape((1,) * x.dim())
         keep = torch.rand(x.shape, device=x.device) >= active_rates
-        return x * (keep * scale).to(x.dtype)
+        # u >= 1 never holds, so a rate of 1 keeps nothing and its infinite scale is never used
+        scale = torch.where(keep, (1.0 - active_rates).pow(-0.75), 0.0)
+        return x * scale.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"p_min={self.p_min}, p_max={self.p_max}, sigma={self.sigma}, "
-            f"per_sample={self.per_sample}"
+            f"sampling={self.sampling!r}, per_sample={self.per_sample}, "
+            f"active_fraction={self.active_fraction!r}"
         )
 
 
