@@ -15,6 +15,10 @@ class _State(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def is_finished(self) -> bool:
+        """Every state but ``running`` is an end state."""
+        return self.value != "running"
+
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(member.value for member in cls)
@@ -30,9 +34,6 @@ class TrialState(_State):
     FAILED = "failed"
     EARLY_STOPPED = "early-stopped"
 
-    def is_finished(self) -> bool:
-        return self is not TrialState.RUNNING
-
 
 class SearchState(_State):
     """A search: ``RUNNING`` until the driver ends it ``COMPLETED`` (every trial finished),
@@ -42,6 +43,3 @@ class SearchState(_State):
     COMPLETED = "completed"
     FAILED = "failed"
     STOPPED = "stopped"
-
-    def is_finished(self) -> bool:
-        return self is not SearchState.RUNNING

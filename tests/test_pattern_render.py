@@ -75,3 +75,18 @@ def test_bad_shape_is_rejected(tmp_path, shape):
 def test_bad_examples_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="examples"):
         render(Pattern("conv", [whole_map(0.0)]), (1, 8, 8), tmp_path / "bad.png", examples=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "text"),
+    [("conv", (3, 28, 20), "28x20 map, 3 channels"), ("conv", (1, 7, 7), "7x7 map, 1 channel"),
+     ("sequence", (16, 32), "16 tokens x 32 features")],
+)
+def test_the_title_names_the_map_size_it_was_drawn_for(kind, shape, text):
+    from autodropout.patterns import figures
+
+    site = whole_map(0.0) if kind == "conv" else dict(
+        size=4, stride=16, repeat="fill", axis="tokens", share=False, apply_to=["ffn_hidden"])
+    pattern = Pattern(kind, [site])
+    figure = figures._figure(pattern, figures._masks(pattern, shape, 2, 0), shape)
+    assert f"on a {text}:" in figure.get_suptitle()

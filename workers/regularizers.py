@@ -1,19 +1,7 @@
-"""Fixed dropout baselines written as short references, and where they go in a child model.
+"""Where the fixed dropout baselines go in a child model.
 
-A regularizer reference (REF) is either a stored pattern (tag, id, hash prefix or pattern
-file; resolved elsewhere) or one of the fixed baselines :func:`parse_regularizer` reads:
-
-=====================  ==========================================================================
-``none``               no dropout at all
-``dropout:P``          element-wise dropout (Srivastava et al., 2014)
-``spatial:P``          whole feature maps (Tompson et al., 2015)
-``dropblock:P[:SIZE]`` square blocks of side SIZE, default 7 (Ghiasi, Lin & Le, 2018)
-``droppath:P``         residual branches, stochastic depth (Huang et al., 2016)
-``gaussian:P``         multiplicative Gaussian noise, dropout's variance (Srivastava et al., 2014)
-``jumpout[:PMAX]``     Jumpout, rates 0.01 to PMAX, default 0.6 (Wang, Zhou & Bilmes, 2019)
-=====================  ==========================================================================
-
-``P`` is always a drop probability. Placement in the Wide ResNet (what a practitioner
+The baselines are the references :mod:`workers.baselines` parses (``dropout:P``,
+``spatial:P``, ...). Placement in the Wide ResNet (what a practitioner
 would do, and where the patterns act, so comparisons are fair):
 
 * ``dropout``: the in-block dropout between the two convolutions of every block, as

@@ -20,6 +20,12 @@ def db_option() -> argparse.ArgumentParser:
     return common
 
 
+def json_help(doc: str | None) -> str:
+    """The ``--json`` part of a command module's docstring, as plain text for ``--help``."""
+    _, title, body = (doc or "").partition("``--json`` output")
+    return (title + body).replace("``", "")
+
+
 def open_store(args: argparse.Namespace, create: bool = False):
     """The store ``--db`` names (imports SQLAlchemy now, torch never)."""
     from patterns_db import PatternStore

@@ -34,6 +34,7 @@ from patterns_db.states import TrialState
 
 from .output import (
     db_option,
+    json_help,
     number,
     open_store,
     positive_int,
@@ -43,8 +44,7 @@ from .output import (
     value_text,
 )
 
-_, _json_title, _json_body = (__doc__ or "").partition("``--json`` output")
-JSON_HELP = (_json_title + _json_body).replace("``", "")
+JSON_HELP = json_help(__doc__)
 DEFAULT_TOP = 10
 DEFAULT_SHAPES = {"conv": (1, 32, 32), "sequence": (32, 64)}
 

@@ -28,6 +28,7 @@ from patterns_db.states import TrialState
 
 from .output import (
     db_option,
+    json_help,
     number,
     open_store,
     print_fields,
@@ -35,8 +36,7 @@ from .output import (
     print_table,
 )
 
-_, _json_title, _json_body = (__doc__ or "").partition("``--json`` output")
-JSON_HELP = (_json_title + _json_body).replace("``", "")
+JSON_HELP = json_help(__doc__)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -26,13 +26,13 @@ def render(
     ``shape`` is one example's activation shape: (C, H, W) for a conv pattern (the panels
     show channel 0 of different examples) or (T, C) for a sequence pattern (tokens down,
     features across, drawn with the (N, T, C) layout). Kept positions are light grey,
-    dropped ones red; each row is titled with the site's parameters. The masks come from
+    dropped ones red; the title names the map size, each row the site's parameters. The masks come from
     ``seed`` without touching the global random state. Returns the path.
     """
     shape = _check_shape(shape, pattern.kind)
     examples = check_int(examples, "examples", low=1)
     masks = _masks(pattern, shape, examples, seed)
-    figure = _figure(pattern, masks)
+    figure = _figure(pattern, masks, shape)
     path = Path(path)
     figure.savefig(path, dpi=DPI, format="png")
     return path
@@ -63,7 +63,16 @@ def _masks(pattern: Pattern, shape: tuple[int, ...], examples: int, seed: int) -
     return masks
 
 
-def _figure(pattern: Pattern, masks: list):
+def map_size_text(kind: str, shape: tuple[int, ...]) -> str:
+    """The map a figure was drawn for, as its title says it: ``"32x32 map, 3 channels"``."""
+    if kind == CONV:
+        channels, height, width = shape
+        return f"{height}x{width} map, {channels} channel{'s' if channels != 1 else ''}"
+    tokens, features = shape
+    return f"{tokens} tokens x {features} features"
+
+
+def _figure(pattern: Pattern, masks: list, shape: tuple[int, ...]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -76,7 +85,8 @@ def _figure(pattern: Pattern, masks: list):
     )
     FigureCanvasAgg(figure)
     figure.suptitle(
-        f"{pattern.kind} pattern {pattern.hash[:12]}: red = dropped, grey = kept", fontsize=9
+        f"{pattern.kind} pattern {pattern.hash[:12]} on a {map_size_text(pattern.kind, shape)}: "
+        "red = dropped, grey = kept", fontsize=9
     )
     rows = figure.subfigures(len(masks), 1, squeeze=False)[:, 0]
     for index, (row, site_masks) in enumerate(zip(rows, masks)):
