@@ -111,7 +111,8 @@ def controller_latency(calls: int, threads: int) -> dict[str, tuple[float, float
     for architecture in ("transformer", "lstm"):
         settings = {**space.controller, "architecture": architecture}
         settings.pop("reward", None)
-        searcher = PatternSearcher(RLController(space, seed=0, **settings))
+        searcher = PatternSearcher(RLController(space, seed=0, **settings), metric="reward",
+                                   mode="max")
         suggest, update = [], []
         for call in range(calls):
             trial_id = f"t{call}"

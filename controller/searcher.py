@@ -8,32 +8,73 @@ trial counts: only a ``COMPLETED`` trial's reward updates the controller (the ru
 
 from __future__ import annotations
 
+import logging
 import pickle
 from typing import Any
 
-from ray.tune.search import Searcher
+from ray.tune.search import UNDEFINED_METRIC_MODE, Searcher
+from ray.tune.search.variant_generator import parse_spec_vars
 
 from patterns_db.states import TrialState
 
 from .controllers import Controller, Suggestion
 from .outcome import trial_outcome
 
+logger = logging.getLogger(__name__)
+
+PROPOSED_KEYS = ("pattern", "tokens")
+"""The config entries every suggestion sets."""
+
 
 class PatternSearcher(Searcher):
-    """Proposes ``{"pattern": <canonical JSON>, "tokens": [...]}`` configs from a controller."""
+    """Proposes ``{"pattern": <canonical JSON>, "tokens": [...]}`` configs from a controller.
 
-    def __init__(self, controller: Controller, metric: str = "reward", mode: str = "max") -> None:
+    Use it as any Ray Tune searcher::
+
+        searcher = PatternSearcher(RLController(search_spaces.load("tiny")),
+                                   metric="reward", mode="max")
+        tune.Tuner(trainable, param_space={"seed": 0},
+                   tune_config=tune.TuneConfig(search_alg=searcher, num_samples=20)).fit()
+
+    ``metric`` and ``mode`` come from here or from ``tune.TuneConfig`` (which overrides them);
+    as with Ray's own searchers, :meth:`suggest` raises while either is unset. Tune passes
+    ``TuneConfig``'s to a searcher only with a non-empty ``param_space``, so with an empty
+    one give them here.
+
+    The trainable reports the metric, and ``final: True`` with its last result: a trial that
+    ends without it was stopped early (ASHA) and teaches nothing (:mod:`controller.outcome`).
+
+    ``param_space`` holds constants the trainable reads next to the pattern: the searcher
+    proposes only ``pattern`` and ``tokens`` and samples nothing else, so a search-space
+    definition there (``tune.uniform(...)``, ``tune.grid_search([...])``, ...) or a
+    ``pattern``/``tokens`` entry is refused with a ``ValueError`` when the Tuner starts.
+
+    Under :class:`ray.tune.search.Repeater` the controller learns once per suggestion from
+    Repeater's average over the repeats (a *group summary*, see :mod:`controller.outcome`).
+    """
+
+    def __init__(self, controller: Controller, metric: str | None = None,
+                 mode: str | None = None) -> None:
         super().__init__(metric=metric, mode=mode)
         self.controller = controller
         self.live: dict[str, Suggestion] = {}
         self.outcomes: dict[str, TrialState] = {}
 
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
+                              **spec) -> bool:
+        check_param_space(config)
+        if mode is not None and mode not in ("min", "max"):
+            raise ValueError(f"PatternSearcher: mode must be 'min' or 'max', got {mode!r}")
         self._metric = metric or self._metric
         self._mode = mode or self._mode
         return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if not self._metric or not self._mode:
+            raise RuntimeError(UNDEFINED_METRIC_MODE.format(
+                cls=type(self).__name__, metric=self._metric, mode=self._mode)
+                + " (Tune passes TuneConfig's metric and mode to a searcher only when "
+                "param_space is not empty.)")
         suggestion = self.controller.suggest()
         self.live[trial_id] = suggestion
         return {"pattern": suggestion.pattern.to_json(), "tokens": list(suggestion.tokens)}
@@ -47,6 +88,11 @@ class PatternSearcher(Searcher):
         if outcome is TrialState.COMPLETED:
             reward = float(result[self._metric])
             self.controller.observe(suggestion, reward if self._mode == "max" else -reward)
+        elif outcome is TrialState.FAILED and not error and result \
+                and self._metric not in result:
+            logger.warning("PatternSearcher: trial %s ended without the metric %r (it reported "
+                           "%s); the controller does not learn from it", trial_id,
+                           self._metric, ", ".join(sorted(map(str, result))) or "nothing")
 
     def outcome(self, result: dict | None, error: bool) -> TrialState:
         """:func:`~controller.outcome.trial_outcome` for this searcher's metric."""
@@ -77,3 +123,22 @@ class PatternSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             self.__setstate__(pickle.load(file))
+
+
+def check_param_space(config: dict[str, Any]) -> None:
+    """Refuse what a ``param_space`` may not hold next to a :class:`PatternSearcher`: search
+    space definitions (Domains, grid searches), which it would pass to the trainable
+    unresolved, and the ``pattern``/``tokens`` entries its suggestions overwrite."""
+    taken = [key for key in PROPOSED_KEYS if key in config]
+    if taken:
+        raise ValueError(f"PatternSearcher: param_space[{taken[0]!r}] is set by the searcher's "
+                         "suggestions; remove it from param_space")
+    _, domains, grids = parse_spec_vars(config)
+    if domains or grids:
+        path, domain = (domains or grids)[0]
+        kind = "grid_search" if not domains else type(domain).__name__
+        where = "".join(f"[{part!r}]" for part in path)
+        raise ValueError(
+            f"PatternSearcher: param_space{where} is a search-space definition ({kind}); "
+            "PatternSearcher proposes only the dropout pattern and samples nothing else: "
+            "give param_space fixed values (sample other hyperparameters with another searcher)")

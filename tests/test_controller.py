@@ -3,6 +3,7 @@
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -169,15 +170,41 @@ def test_searcher_survives_pickle_and_checkpoint(tmp_path):
     ({"reward": 0.7, "final": True}, False, "reward", TrialState.COMPLETED),
     ({"reward": 0.0, "final": True, "diverged": True}, False, "reward", TrialState.COMPLETED),
     ({"reward": 0.4, "final": False}, False, "reward", TrialState.EARLY_STOPPED),
-    ({"reward": 0.4}, False, "reward", TrialState.EARLY_STOPPED),
+    ({"reward": 0.4, "training_iteration": 2}, False, "reward", TrialState.EARLY_STOPPED),
     ({"reward": 0.7, "final": True}, True, "reward", TrialState.FAILED),
     (None, True, "reward", TrialState.FAILED),
     ({}, False, "reward", TrialState.FAILED),
     ({"final": True}, False, "reward", TrialState.FAILED),  # final, but no reward to learn from
     ({"val_loss": 2.5, "final": True}, False, "val_loss", TrialState.COMPLETED),
+    # group summaries: Repeater's {metric: nanmean over the repeats}, no Tune keys, no final
+    ({"reward": 0.4}, False, "reward", TrialState.COMPLETED),
+    ({"reward": np.float64(0.4)}, True, "reward", TrialState.COMPLETED),  # the last repeat failed
+    ({"reward": np.nan}, False, "reward", TrialState.FAILED),  # no repeat reported a reward
+    ({"reward": np.nan}, True, "reward", TrialState.FAILED),
+    ({"val_loss": 2.5}, False, "reward", TrialState.FAILED),
 ])
 def test_trial_outcome_rules(result, error, metric, expected):
     assert trial_outcome(result, error, metric) is expected
+
+
+def test_searcher_needs_a_metric_and_a_mode_like_rays_searchers():
+    searcher = PatternSearcher(Recorder(TINY))
+    with pytest.raises(RuntimeError, match=r"`metric` \(None\) or `mode` \(None\)"):
+        searcher.suggest("a")
+    searcher.set_search_properties("val_loss", "min", {"seed": 0})
+    assert (searcher.metric, searcher.mode) == ("val_loss", "min")
+    searcher.suggest("a")
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        searcher.set_search_properties("reward", "maximise", {"seed": 0})
+
+
+def test_searcher_warns_of_a_trial_without_its_metric(caplog):
+    searcher = PatternSearcher(Recorder(TINY), metric="reward", mode="max")
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", {"score": 1.0, "final": True, "training_iteration": 1})
+    assert searcher.outcomes["a"] is TrialState.FAILED and searcher.controller.seen == []
+    assert "trial a ended without the metric 'reward'" in caplog.text
+    assert "final, score, training_iteration" in caplog.text
 
 
 class FakeStore:

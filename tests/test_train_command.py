@@ -91,7 +91,7 @@ def fake_training(monkeypatch, calls: list) -> None:
 
     def evaluate_child(model, data, budget, device):
         calls[-1]["scored"] = data.validation
-        return {"val_accuracy": 0.5, "val_loss": 1.0}
+        return {"val_accuracy": 0.5, "val_loss": 1.0, "val_perplexity": 2.0}
 
     monkeypatch.setattr("workers.final.train_child", train_child)
     monkeypatch.setattr("workers.final.evaluate_child", evaluate_child)
@@ -217,3 +217,125 @@ def test_the_cli_modules_load_no_torch_and_training_loads_no_ray():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True)
         assert out.stdout.strip() == "[]", code
+
+
+CUSTOM_SPACE = """\
+name: my-blocks
+kind: conv
+description: One site on the first stage only, with a budget of its own.
+sites:
+  - {name: first, modules: "group1.*.bn*"}
+decisions:
+  size_h: [2, 3]
+  size_w: [2, 3]
+  stride: [8]
+  repeat: [fill]
+  rotate: [0]
+  shear_x: [0.0]
+  shear_y: [0.0]
+  share_c: [true]
+  residual: [false]
+budget:
+  model: wrn
+  dataset: synthetic
+  epochs: 2
+  train_examples: 192
+  validation_examples: 64
+  batch_size: 32
+  lr: 0.02
+"""
+
+
+def store_found_pattern(db, space_text, tag="found", search="custom-search", reward=0.8):
+    """A pattern of the space ``space_text`` found by search ``search``, tagged ``tag``."""
+    space = search_spaces.parse(space_text)
+    pattern = space.decode([1] * len(space.decisions))
+    with PatternStore(db) as store:
+        store.create_search(search, space.name, space_text, "synthetic", "wrn")
+        store.record_trial(search, "t1", pattern, reward=reward, status="completed")
+        store.finish_search(search)
+        store.tag(pattern.hash, tag)
+    return pattern
+
+
+def test_a_pattern_of_a_custom_space_trains_with_its_search_space(db, monkeypatch, capsys):
+    calls = []
+    fake_training(monkeypatch, calls)
+    pattern = store_found_pattern(db, CUSTOM_SPACE)
+    # no --space, no --model, no --epochs: all of it comes from the search's stored space
+    assert main(["train", "--dataset", "synthetic", "--regularizer", "found", "--db", db,
+                 "--seeds", "1", "--quiet"]) == 0
+    (call,) = calls
+    budget = call["budget"]
+    assert (budget.model, budget.epochs, budget.batch_size, budget.lr) == ("wrn", 2, 32, 0.02)
+    assert call["pattern"].hash == pattern.hash
+    handle = ad.apply_pattern(call["model"], call["pattern"], call["sites"])
+    assert handle.module_names and all(name.startswith("group1.") for name in handle.module_names)
+    captured = capsys.readouterr()
+    assert "not shipped" not in captured.err and "convnet" not in captured.err
+    assert "budget of space 'my-blocks' of search 'custom-search'" in captured.out
+    with PatternStore(db) as store:
+        (evaluation,) = store.final_evaluations("found")
+    assert (evaluation.model, evaluation.dataset) == ("wrn", "synthetic")
+
+
+def test_the_best_trials_search_gives_the_space(db, monkeypatch):
+    calls = []
+    fake_training(monkeypatch, calls)
+    pattern = store_found_pattern(db, CUSTOM_SPACE, reward=0.9)
+    tiny_budget = CUSTOM_SPACE.replace("epochs: 2", "epochs: 3").replace("my-blocks", "my-other")
+    with PatternStore(db) as store:  # a worse trial of the same pattern in another space
+        store.create_search("other", "my-other", tiny_budget, "synthetic", "wrn")
+        store.record_trial("other", "t1", pattern, reward=0.1, status="completed")
+    assert main(["train", "--dataset", "synthetic", "--regularizer", "found", "--db", db,
+                 "--seeds", "1", "--quiet"]) == 0
+    assert calls[0]["budget"].epochs == 2
+
+
+def test_a_pattern_no_search_tried_falls_back_naming_the_space(db, tmp_path, monkeypatch,
+                                                                capsys):
+    calls = []
+    fake_training(monkeypatch, calls)
+    pattern = search_spaces.parse(CUSTOM_SPACE).decode([0, 0])
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(pattern.to_dict()))
+    assert main(["train", "--dataset", "synthetic", "--regularizer", str(path), "--db", db,
+                 "--seeds", "1", "--quiet"]) == 0
+    assert calls[0]["budget"].epochs == search_spaces.load("convnet").budget["epochs"]
+    error = capsys.readouterr().err
+    assert "its space 'my-blocks' is not shipped" in error
+    assert "using the budget and sites of space 'convnet'" in error
+
+
+def test_the_model_defaults_to_the_spaces_budget_model(db, monkeypatch, tmp_path, capsys):
+    calls = []
+    fake_training(monkeypatch, calls)
+    store_found_pattern(db, CUSTOM_SPACE.replace("model: wrn", "model: wide_resnet"))
+    assert main(["train", "--dataset", "synthetic", "--regularizer", "found", "--db", db,
+                 "--seeds", "1", "--quiet"]) == 0
+    assert calls[0]["budget"].model == "wrn" and "training wrn on synthetic" in \
+        capsys.readouterr().out
+    # a baseline with --space takes that space's model; a text dataset does not fit it
+    assert main(["train", "--dataset", "synthetic-text", "--regularizer", "none", "--space",
+                 "tiny", "--db", db, "--quiet"]) == 2
+    assert "the model wrn (the space's budget.model; pass --model) needs an image dataset; " \
+        "synthetic-text is text" in capsys.readouterr().err
+    assert main(["train", "--dataset", "synthetic-text", "--regularizer", "none", "--space",
+                 "transformer", "--db", db, "--seeds", "1", "--quiet"]) == 0
+    assert calls[-1]["budget"].model == "gpt"
+
+
+@pytest.mark.parametrize(("dataset", "model", "metric"), [
+    ("synthetic", "wrn", "test_accuracy"), ("synthetic-text", "gpt", "test_perplexity")])
+def test_the_model_defaults_to_the_datasets_kind(db, monkeypatch, capsys, dataset, model,
+                                                  metric):
+    calls = []
+    fake_training(monkeypatch, calls)
+    assert main(["train", "--dataset", dataset, "--regularizer", "dropout:0.1", "--db", db,
+                 "--seeds", "1", "--quiet"]) == 0
+    assert calls[0]["budget"].model == model
+    assert f"budget of space '{'convnet' if model == 'wrn' else 'transformer'}'" in \
+        capsys.readouterr().out
+    with PatternStore(db) as store:
+        (evaluation,) = store.final_evaluations(dataset=dataset, model=model)
+    assert evaluation.metric == metric

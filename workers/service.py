@@ -25,12 +25,17 @@ from .registry import DATASETS, MODEL_DATA, MODEL_PATTERNS, MODEL_SPACES, MODELS
 
 @dataclass
 class TrainOptions:
-    """The settings of one final training; ``None`` means the space's ``budget:`` default
-    (``space``: the pattern's own space, else the model's shipped space)."""
+    """The settings of one final training; ``None`` means the space's ``budget:`` default.
+
+    ``space``: default, the space of the search that found the pattern (its best trial's
+    search, as the store kept it), else the pattern's shipped space, else the model's
+    shipped space (:data:`~workers.registry.MODEL_SPACES`). ``model``: default, that space's
+    ``budget.model``, else the model for the dataset's kind (image: wrn, text: gpt).
+    """
 
     dataset: str
-    model: str
     regularizer: str
+    model: str | None = None
     epochs: int | None = None
     seeds: int = 3
     train_examples: int | None = None
@@ -53,6 +58,8 @@ class TrainPlan:
     epochs: int
     seeds: int
     device: str
+    space: str = ""
+    """Where the budget (and a pattern's sites) came from, e.g. ``space 'tiny'``."""
 
 
 @dataclass
@@ -95,20 +102,29 @@ def run_training(options: TrainOptions, report: TrainReport | None = None) -> Tr
     report = report or TrainReport()
     check_options(options)
     baseline = parse_regularizer(options.regularizer)
-    if baseline is not None:
+    given_space = load_space(options.space) if options.space else None
+    if baseline is not None and options.model:
         check_model(baseline, MODELS.canonical(options.model))
     with PatternStore(options.db) as store:
         pattern = None if baseline is not None else resolve_pattern(options, store)
-        space = choose_space(options, pattern, report)
-        bundle = load_data(options)
-        budget = make_budget(options, space)
+        space = given_space or pattern_space(pattern, store)
+        model, bundle = choose_model(options, space)
+        if baseline is not None:
+            check_model(baseline, model)
+        else:
+            check_pattern_kind(pattern, model, options.regularizer)
+        bundle = bundle or load_data(options.dataset, options.data_dir)
+        check_data(bundle, model, options)
+        if space is None:
+            space = fallback_space(model, pattern, store, report)
+        budget = make_budget(options, space, model)
         train = training_subset(bundle.train, options.train_examples)
         site_modules = space.site_modules if pattern and len(pattern) == space.num_sites else ()
         plan = TrainPlan(
             subject=str(baseline) if baseline is not None else f"pattern {pattern.hash[:12]}",
-            model=options.model, dataset=options.dataset, train_examples=len(train),
+            model=model, dataset=options.dataset, train_examples=len(train),
             test_examples=len(bundle.test), epochs=budget.epochs, seeds=options.seeds,
-            device=options.device or default_device())
+            device=options.device or default_device(), space=describe_space(space))
         report.start(plan)
         outcome = TrainResult(plan, metric_name(bundle), store_url=store.url)
         for seed in range(options.seeds):
@@ -121,12 +137,14 @@ def run_training(options: TrainOptions, report: TrainReport | None = None) -> Tr
                 report.seed_done(seed, result)
             outcome.results.append(result)
             if is_storable(result.value):
-                store_result(store, options, baseline or pattern, result)
+                store_result(store, options.dataset, model, baseline or pattern, result)
         return outcome
 
 
 def check_options(options: TrainOptions) -> None:
-    MODELS.canonical(options.model)
+    if options.model is not None:
+        MODELS.canonical(options.model)
+    DATASETS.canonical(options.dataset)
     for flag, value in (("--seeds", options.seeds), ("--epochs", options.epochs),
                         ("--train-examples", options.train_examples)):
         if value is not None:
@@ -137,55 +155,110 @@ def resolve_pattern(options: TrainOptions, store: Any) -> Pattern:
     """The pattern ``regularizer`` names: a file, else a tag, id or hash prefix in the store."""
     ref = options.regularizer.strip()
     if is_pattern_file(ref):
-        pattern = read_pattern_file(ref)
-    else:
-        try:
-            pattern = store.resolve(ref).pattern
-        except NotFound as error:
-            raise NotFound(f"--regularizer: {error} in {store.url} (a baseline is one of "
-                           f"{', '.join(BASELINE_FORMS)})") from None
-    wanted = MODEL_PATTERNS[MODELS.canonical(options.model)]
+        return read_pattern_file(ref)
+    try:
+        return store.resolve(ref).pattern
+    except NotFound as error:
+        raise NotFound(f"--regularizer: {error} in {store.url} (a baseline is one of "
+                       f"{', '.join(BASELINE_FORMS)})") from None
+
+
+def check_pattern_kind(pattern: Pattern, model: str, ref: str) -> None:
+    wanted = MODEL_PATTERNS[model]
     if pattern.kind != wanted:
-        raise BadInput(f"--regularizer: {ref!r} is a {pattern.kind} pattern; the {options.model} "
+        raise BadInput(f"--regularizer: {ref.strip()!r} is a {pattern.kind} pattern; the {model} "
                        f"model takes {wanted} patterns")
-    return pattern
 
 
-def choose_space(options: TrainOptions, pattern: Pattern | None, report: TrainReport):
-    """``space``, else the pattern's own space, else the model's shipped space."""
+def load_space(name_or_path: str):
     import search_spaces
 
-    if options.space:
-        return search_spaces.load(options.space)
-    default = MODEL_SPACES[MODELS.canonical(options.model)]
+    return search_spaces.load(name_or_path)
+
+
+def pattern_space(pattern: Pattern | None, store: Any):
+    """The space the pattern was found in: the one of the search of its best trial (as that
+    search stored it), else its space by name when that is a shipped space; ``None`` when
+    neither is known (a baseline, a pattern no search tried whose space is not shipped)."""
+    import search_spaces
+
+    if pattern is None:
+        return None
+    search = finding_search(pattern, store)
+    if search is not None:
+        record = store.get_search(search)
+        return search_spaces.parse(record.space_yaml, source=f"search {record.name!r}")
+    if pattern.space and pattern.space in search_spaces.available():
+        return search_spaces.load(pattern.space)
+    return None
+
+
+def finding_search(pattern: Pattern, store: Any) -> str | None:
+    """The name of the search of the pattern's best trial, ``None`` if no search tried it."""
+    try:
+        record = store.resolve(pattern.hash)
+    except NotFound:
+        return None
+    if record.hash != pattern.hash:
+        return None
+    trials = store.pattern_trials(record.id)  # best first
+    return trials[0].search if trials else None
+
+
+def describe_space(space: Any) -> str:
+    source = space.source
+    return f"space {space.name!r}" + (f" of {source}" if source.startswith("search ") else "")
+
+
+def choose_model(options: TrainOptions, space: Any):
+    """``(model, bundle)``: ``--model``, else the space's ``budget.model``, else the model of
+    the dataset's kind (``bundle`` is the dataset when it had to be loaded to tell, else
+    ``None``)."""
+    if options.model:
+        return MODELS.canonical(options.model), None
+    if space is not None and space.budget.get("model"):
+        return MODELS.canonical(space.budget["model"]), None
+    bundle = load_data(options.dataset, options.data_dir)
+    models = {kind: model for model, kind in MODEL_DATA.items()}
+    return models[bundle.kind], bundle
+
+
+def load_data(dataset: str, data_dir: str | None):
+    from .datasets import load_dataset
+
+    DATASETS.canonical(dataset)
+    try:
+        return load_dataset(dataset, data_dir)
+    except (OSError, ValueError) as error:
+        raise BadInput(f"--dataset {dataset}: {error}") from None
+
+
+def check_data(bundle: Any, model: str, options: TrainOptions) -> None:
+    needs = MODEL_DATA[model]
+    if bundle.kind != needs:
+        flag = f"--model {options.model}" if options.model else \
+            f"the model {model} (the space's budget.model; pass --model)"
+        article = "an" if needs[0] in "aeiou" else "a"
+        raise BadInput(f"{flag} needs {article} {needs} dataset; {options.dataset} is "
+                       f"{bundle.kind}")
+
+
+def fallback_space(model: str, pattern: Pattern | None, store: Any, report: TrainReport):
+    """The model's shipped space, for a baseline or a pattern whose own space is unknown."""
+    import search_spaces
+
+    default = MODEL_SPACES[model]
     if pattern is not None and pattern.space:
-        try:
-            return search_spaces.load(pattern.space)
-        except search_spaces.SpaceError:
-            report.note(f"the pattern's space {pattern.space!r} is not shipped; using "
-                        f"{default!r} (pass --space to choose)")
+        report.note(f"no search in {store.url} tried the pattern and its space "
+                    f"{pattern.space!r} is not shipped; using the budget and sites of space "
+                    f"{default!r} (pass --space to choose)")
     return search_spaces.load(default)
 
 
-def load_data(options: TrainOptions):
-    from .datasets import load_dataset
-
-    DATASETS.canonical(options.dataset)
-    try:
-        bundle = load_dataset(options.dataset, options.data_dir)
-    except (OSError, ValueError) as error:
-        raise BadInput(f"--dataset {options.dataset}: {error}") from None
-    needs = MODEL_DATA[MODELS.canonical(options.model)]
-    if bundle.kind != needs:
-        raise BadInput(f"--model {options.model} needs a {needs} dataset; {options.dataset} is "
-                       f"{bundle.kind}")
-    return bundle
-
-
-def make_budget(options: TrainOptions, space: Any):
+def make_budget(options: TrainOptions, space: Any, model: str):
     from .training import Budget
 
-    overrides = {"dataset": options.dataset, "model": options.model}
+    overrides = {"dataset": options.dataset, "model": model}
     if options.epochs is not None:
         overrides["epochs"] = options.epochs
     try:
@@ -194,12 +267,11 @@ def make_budget(options: TrainOptions, space: Any):
         raise BadInput(f"--space {space.name}: {error}") from None
 
 
-def store_result(store: Any, options: TrainOptions, regularizer: Baseline | Pattern,
+def store_result(store: Any, dataset: str, model: str, regularizer: Baseline | Pattern,
                  result: FinalResult) -> None:
     link = {"baseline": str(regularizer)} if isinstance(regularizer, Baseline) \
         else {"pattern": regularizer}
-    store.add_final_evaluation(options.dataset, options.model, result.seed, result.metric,
-                               result.value, **link)
+    store.add_final_evaluation(dataset, model, result.seed, result.metric, result.value, **link)
 
 
 def default_device() -> str:

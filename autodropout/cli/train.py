@@ -24,8 +24,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "standard deviation, and store every result.",
     )
     train.add_argument("--dataset", required=True, help="dataset, e.g. fashion-mnist or ptb")
-    train.add_argument("--model", required=True, choices=MODELS.names(),
-                       help="child model: wrn (images) or gpt (text)")
+    train.add_argument("--model", choices=MODELS.names(),
+                       help="child model: wrn (images) or gpt (text) (default: the space's "
+                       "budget model, else the one for the dataset's kind)")
     train.add_argument("--regularizer", required=True, metavar="REF",
                        help="a pattern (tag, id, hash prefix or file) or a baseline: "
                        + ", ".join(BASELINE_FORMS))
@@ -35,7 +36,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="train on a random N of the training split (text: the first N "
                        "tokens; default: all of it)")
     train.add_argument("--space", help="space whose budget (and sites, for a pattern) to use "
-                       "(default: the pattern's space, else convnet for wrn, transformer for gpt)")
+                       "(default: the space of the search that found the pattern, else the "
+                       "pattern's shipped space, else convnet for wrn, transformer for gpt)")
     train.add_argument("--db", help="pattern store URL (default: $AUTODROPOUT_DB or the local "
                        "SQLite file)")
     train.add_argument("--data-dir", help="dataset folder (default: $AUTODROPOUT_DATA_DIR or "
@@ -87,7 +89,8 @@ class ProgressReport:
     def start(self, plan: Any) -> None:
         print(f"training {plan.model} on {plan.dataset} ({plan.train_examples} training examples, "
               f"{plan.test_examples} test) with {plan.subject}: {plural(plan.epochs, 'epoch')}, "
-              f"seeds 0-{plan.seeds - 1}, {plan.device}")
+              f"seeds 0-{plan.seeds - 1}, {plan.device}"
+              + (f"; budget of {plan.space}" if plan.space else ""))
 
     def epoch(self, seed: int, metrics: dict[str, Any]) -> None:
         if self.bar is None:
