@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autodropout.validation import check_choice, check_int, check_real
+from autodropout.validation import check_bool, check_choice, check_int, check_real
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting: ``type`` is ``int``, ``number``, ``str`` or ``choice``; ``low``/``high``
+    """One setting: ``type`` is ``int``, ``number``, ``bool``, ``str`` or ``choice``; ``low``/``high``
     bound numbers (``low_open``: strictly above ``low``); ``default`` is ``None`` when the
     setting has none (it then comes from elsewhere, e.g. the dataset)."""
 
@@ -39,6 +39,8 @@ class Setting:
                               error=error)
         if self.type == "choice":
             return check_choice(value, self.choices, name, error=error)
+        if self.type == "bool":
+            return check_bool(value, name, error=error)
         if not isinstance(value, str) or not value:
             raise error(f"{name} must be a non-empty string, got {value!r}")
         return value
@@ -51,7 +53,11 @@ class Setting:
                 value = int(text)
             elif self.type == "number":
                 value = float(text)
-        except ValueError:
+            elif self.type == "bool":
+                value = {"true": True, "false": False}[text.lower()]
+        except (KeyError, ValueError):
+            if self.type == "bool":
+                raise error(f"{name} must be true or false, got {text!r}") from None
             raise error(f"{name} must be {'an integer' if self.type == 'int' else 'a number'}, "
                         f"got {text!r}") from None
         return self.check(value, name, error)
@@ -71,6 +77,10 @@ BUDGET_SETTINGS = _table(
     Setting("lr", "number", "SGD (images) or AdamW (text) learning rate", low=0, low_open=True),
     Setting("weight_decay", "number", "weight decay", low=0),
     Setting("context", "int", "language-model context length, tokens", low=2),
+    Setting("augment", "choice", "image augmentation of training batches", "none",
+            choices=("none", "crop-flip")),
+    Setting("recalibrate_bn", "bool", "re-estimate BatchNorm statistics with masks off before "
+            "the final validation", False),
 )
 
 CONTROLLER_SETTINGS = _table(

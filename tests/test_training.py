@@ -202,3 +202,26 @@ def test_budget_from_mapping_checks_keys():
         Budget.from_mapping({k: v for k, v in BUDGET.items() if k != "lr"})
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         Budget.from_mapping(BUDGET, batch_size=0)
+
+
+def test_the_budget_has_exactly_the_settings_a_space_may_hold():
+    from dataclasses import fields
+
+    from search_spaces.settings import BUDGET_SETTINGS
+    from workers.training import Budget
+
+    assert {f.name for f in fields(Budget)} == set(BUDGET_SETTINGS)
+    with pytest.raises(ValueError, match=r"^budget: augment must be one of \[none, crop-flip\]"):
+        Budget.from_mapping({"model": "wrn", "dataset": "x", "epochs": 1, "train_examples": 8,
+                             "validation_examples": 8, "batch_size": 4, "lr": 0.1,
+                             "augment": "mixup"})
+
+
+def test_augmented_training_differs_and_recalibration_runs_before_the_last_validation(holdout):
+    results = {name: run(holdout, None, **changes)[2] for name, changes in (
+        ("plain", {}), ("augmented", {"augment": "crop-flip"}),
+        ("recalibrated", {"recalibrate_bn": True}))}
+    plain, augmented, recalibrated = results["plain"], results["augmented"], results["recalibrated"]
+    assert plain["train_loss"] != augmented["train_loss"]
+    assert plain["train_loss"] == recalibrated["train_loss"]  # the same training, then new
+    assert plain["val_loss"] != recalibrated["val_loss"]      # BatchNorm statistics

@@ -29,9 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autodropout.patterns import CONV, Pattern, apply_pattern
+from search_spaces.settings import BUDGET_SETTINGS
 
+from .augment import augment
 from .datasets import DatasetBundle, Holdout, Images
 from .models import build_model
+from .recalibrate import recalibrate_batchnorm
 from .registry import MODEL_DATA, MODELS
 
 DIVERGENCE_FACTOR = 10.0
@@ -53,6 +56,12 @@ class Budget:
     lr: float
     weight_decay: float = 0.0
     context: int = 64
+    augment: str = "none"
+    """Image augmentation of every training batch: ``none`` or ``crop-flip``
+    (:mod:`workers.augment`)."""
+    recalibrate_bn: bool = False
+    """Re-estimate BatchNorm statistics with every mask off before the final validation
+    (:mod:`workers.recalibrate`)."""
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], **overrides: Any) -> Budget:
@@ -64,12 +73,8 @@ class Budget:
         missing = [f.name for f in fields(cls) if f.name not in merged and f.default is MISSING]
         if missing:
             raise ValueError(f"budget: {missing[0]} is missing")
-        for name in ("epochs", "train_examples", "validation_examples", "batch_size", "context"):
-            value = merged.get(name, 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"budget: {name} must be a positive integer, got {value!r}")
-        if not merged["lr"] > 0:
-            raise ValueError(f"budget: lr must be positive, got {merged['lr']!r}")
+        for name, value in merged.items():
+            BUDGET_SETTINGS[name].check(value, f"budget: {name}")
         return cls(**merged)
 
 
@@ -139,6 +144,8 @@ def train_child(model: nn.Module, pattern: Pattern | None, sites: Any, data: Hol
         for epoch in range(1, budget.epochs + 1):
             started = time.perf_counter()
             train_loss = _train_epoch(model, task, optimizer, scheduler, generator)
+            if epoch == budget.epochs and budget.recalibrate_bn:
+                task.recalibrate(model)
             metrics = {"epoch": epoch, "epochs": budget.epochs, "train_loss": train_loss,
                        **task.evaluate(model)}
             reason = _divergence(train_loss, metrics["val_loss"], task.chance_loss)
@@ -171,6 +178,14 @@ def evaluate_child(model: nn.Module, data: Holdout, budget: Budget | Mapping[str
     metrics = _task_for(data, budget, torch.device(device)).evaluate(model.to(device))
     model.train(was_training)
     return metrics
+
+
+def recalibrate_child(model: nn.Module, data: Holdout, budget: Budget | Mapping[str, Any],
+                      device: torch.device | str = "cpu") -> None:
+    """Re-estimate the BatchNorm statistics of an image model on ``data.train`` (standardised
+    as in training, not augmented) with every mask off; see :mod:`workers.recalibrate`."""
+    budget = budget if isinstance(budget, Budget) else Budget.from_mapping(budget)
+    _task_for(data, budget, torch.device(device)).recalibrate(model.to(device))
 
 
 def _task_for(data: Holdout, budget: Budget, device: torch.device) -> _Task:
@@ -219,6 +234,8 @@ class _Task(Protocol):
 
     def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor: ...
 
+    def recalibrate(self, model: nn.Module) -> None: ...
+
 
 class _ImageTask:
     grad_clip = None
@@ -245,7 +262,13 @@ class _ImageTask:
     def batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(self.train), generator=generator).to(self.device)
         for index in order.split(self.budget.batch_size):
-            yield self.standardise(self.train.images[index]), self.train.labels[index]
+            images = self.standardise(self.train.images[index])
+            yield augment(images, self.budget.augment, generator), self.train.labels[index]
+
+    def recalibrate(self, model: nn.Module) -> None:
+        batches = (self.standardise(images) for images in
+                   self.train.images.split(self.budget.batch_size))
+        recalibrate_batchnorm(model, batches)
 
     def loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(model(inputs), targets)
@@ -270,6 +293,7 @@ class _ImageTask:
 
 class _TextTask:
     grad_clip = LM_GRAD_CLIP
+
     def __init__(self, data: Holdout, budget: Budget, device: torch.device) -> None:
         self.budget, self.device = budget, device
         self.inputs, self.targets = self.windows(data.train, "train_examples")
@@ -277,6 +301,9 @@ class _TextTask:
         self.steps_per_epoch = math.ceil(len(self.inputs) / budget.batch_size)
         vocab_size = int(torch.maximum(data.train.max(), data.validation.max())) + 1
         self.chance_loss = math.log(max(vocab_size, 2))
+
+    def recalibrate(self, model: nn.Module) -> None:
+        """Language models here have no BatchNorm: nothing to re-estimate."""
 
     def windows(self, tokens: Tensor, name: str) -> tuple[Tensor, Tensor]:
         """Non-overlapping (inputs, next-token targets) windows of ``context`` tokens."""
