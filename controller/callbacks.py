@@ -133,37 +133,160 @@ def _error_text(trial) -> str:
 
 
 class ProgressCallback(Callback):
-    """A progress bar: trials done/total, best reward so far, elapsed and remaining time.
+    """A progress bar on stderr, from the search's start: trials finished/total, the running
+    trials with their current epoch and metric (as Tune reports them), completed and failed
+    counts apart, the best reward so far, the elapsed time and a remaining-time estimate.
 
-    Progress is counted from Tune's own trial list, so a resumed search starts where it was.
+    The estimate counts work in epochs: a running trial at epoch 2 of 3 is two thirds done,
+    so it is meaningful before the first trial ends and with trials running concurrently;
+    the rate is what this driver achieved since it started (a resumed search does not count
+    its earlier trials as done in no time). State comes from Tune's own trial list and this
+    callback's record of each trial's end, so a resumed search starts where it was.
     """
 
-    def __init__(self, total: int) -> None:
+    METRICS = ("reward", "val_accuracy", "val_perplexity", "val_loss")
+
+    def __init__(self, total: int, concurrent: int | None = None, clock=None) -> None:
         self.total = total
+        self.concurrent = concurrent
         self.best: float | None = None
+        self.completed: set[str] = set()
+        self.failed: set[str] = set()
+        self.running: dict[str, dict[str, float]] = {}
+        self._clock = clock
+        self._started: float | None = None
+        self._done_at_start: float | None = None
         self._bar = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_bar": None}
+        return {**self.__dict__, "_bar": None, "_clock": None, "_started": None,
+                "_done_at_start": None}
 
-    def _advance(self, trials, trial, reward: float | None) -> None:
+    # -- state ---------------------------------------------------------------------------
+    def now(self) -> float:
+        import time
+
+        return (self._clock or time.monotonic)()
+
+    @property
+    def finished(self) -> int:
+        return len(self.completed) + len(self.failed)
+
+    def work_done(self) -> float:
+        """Finished trials plus the finished fraction (epochs) of every running trial."""
+        partial = sum(min(step.get("epoch", 0) / step["epochs"], 1.0)
+                      for step in self.running.values() if step.get("epochs"))
+        return self.finished + partial
+
+    def eta(self) -> float | None:
+        """Seconds left at the rate of work since this driver started; ``None`` before any
+        work was done."""
+        if self._started is None:
+            return None
+        done = self.work_done() - (self._done_at_start or 0.0)
+        elapsed = self.now() - self._started
+        if done <= 0 or elapsed <= 0:
+            return None
+        return max(self.total - self.work_done(), 0.0) * elapsed / done
+
+    def elapsed(self) -> float:
+        return 0.0 if self._started is None else self.now() - self._started
+
+    def describe(self) -> str:
+        """The text after the bar: running trials, counts, best, ETA."""
+        parts = []
+        for step in self.running.values():
+            if "epoch" in step:
+                epoch = f"e{step['epoch']:g}/{step['epochs']:g}" if step.get("epochs") \
+                    else f"e{step['epoch']:g}"
+                metric = next((f" {name} {step[name]:.3f}" for name in self.METRICS
+                               if name in step), "")
+                parts.append(epoch + metric)
+            else:
+                parts.append("starting")
+        counts = f"{len(self.completed)} completed, {len(self.failed)} failed"
+        running = f"running {len(self.running)}" + (f" [{'; '.join(parts)}]" if parts else "")
+        best = "best -" if self.best is None else f"best {self.best:.4f}"
+        eta = self.eta()
+        return f"{running}, {counts}, {best}, ETA {'?' if eta is None else _clock_text(eta)}"
+
+    def _sync(self, trials) -> None:
+        """Learn the trials that ended before this driver started (a resume)."""
+        for trial in trials:
+            if trial.trial_id in self.completed or trial.trial_id in self.failed:
+                continue
+            if trial.status == Trial.ERROR:
+                self.failed.add(trial.trial_id)
+            elif trial.status == Trial.TERMINATED:
+                self._end(trial, trial_outcome(trial.last_result or {}, metric="reward"))
+
+    def _start(self, trials=()) -> None:
+        if self._started is None:
+            self._sync(trials)
+            self._started = self.now()
+            self._done_at_start = self.work_done()
+
+    def _end(self, trial, outcome: TrialState) -> None:
+        self.running.pop(trial.trial_id, None)
+        if outcome is TrialState.FAILED:
+            self.failed.add(trial.trial_id)
+            return
+        self.completed.add(trial.trial_id)
+        reward = (trial.last_result or {}).get("reward")
+        if outcome is TrialState.COMPLETED and isinstance(reward, Real) \
+                and math.isfinite(reward) and (self.best is None or reward > self.best):
+            self.best = float(reward)
+
+    # -- display -------------------------------------------------------------------------
+    def _show(self) -> None:
         from tqdm import tqdm
 
-        if reward is not None and (self.best is None or reward > self.best):
-            self.best = reward
-        # the ending trial's own status is set after the callbacks run
-        done = 1 + sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials if t is not trial)
         if self._bar is None:
-            self._bar = tqdm(total=self.total, unit="trial", desc="search", dynamic_ncols=True)
-        self._bar.set_postfix_str("best reward -" if self.best is None else f"best reward {self.best:.4f}")
-        self._bar.update(done - self._bar.n)
-        if done >= self.total:
+            self._bar = tqdm(total=self.total, initial=self.finished, unit="trial",
+                             desc="search", dynamic_ncols=True, leave=True,
+                             bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| "
+                                        "[{elapsed}{postfix}]")
+            self._bar.start_t -= self.elapsed()
+        self._bar.set_postfix_str(self.describe(), refresh=False)
+        self._bar.update(self.finished - self._bar.n)
+        self._bar.refresh()
+        if self.finished >= self.total:
             self._bar.close()
 
+    # -- Tune hooks ----------------------------------------------------------------------
+    def setup(self, *args, **info) -> None:
+        self._start()
+        self._show()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._start(trials)
+        self.running.setdefault(trial.trial_id, {})
+        self._show()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._start(trials)
+        self.running[trial.trial_id] = {
+            key: float(value) for key, value in result.items()
+            if key in ("epoch", "epochs", *self.METRICS) and isinstance(value, Real)
+            and not isinstance(value, bool)}
+        self._show()
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        result = trial.last_result or {}
-        counts = trial_outcome(result, metric="reward") is TrialState.COMPLETED
-        self._advance(trials, trial, result["reward"] if counts else None)
+        self._start(trials)
+        self._end(trial, trial_outcome(trial.last_result or {}, metric="reward"))
+        self._show()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._advance(trials, trial, None)
+        self._start(trials)
+        self._end(trial, TrialState.FAILED)
+        self._show()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"

@@ -1,13 +1,27 @@
 """The search service: a controller, Ray Tune workers and the pattern store, wired together.
 
 ``run_search(SearchOptions(...))`` is what ``autodropout search`` runs. Everything that can
-be wrong with the input (space, dataset, database, Ray address, resume name) is checked
-before anything is written, and raised as :class:`~autodropout.errors.BadInput`.
+be wrong with the input is checked on the driver before Ray starts and before anything is
+written, and raised as :class:`~autodropout.errors.BadInput`: the options, the space, the
+resume and warm-start names, the dataset's files, and everything a trial would reject (the
+budget against the dataset's size, the model name and its kind of data and patterns, every
+site's ``modules:`` glob against the child model, built once on the meta device).
+
+How a search ends (:class:`~patterns_db.states.SearchState`):
+
+* ``COMPLETED``: every wanted trial finished and at most :data:`FAILED_FRACTION` of them
+  failed;
+* ``FAILED``: every wanted trial finished but more than :data:`FAILED_FRACTION` of them
+  failed (so a search whose trials all failed never reports success), or the driver
+  raised; :attr:`SearchResult.error` holds the first trial's error;
+* ``STOPPED``: interrupted (Ctrl-C); ``autodropout search --resume NAME`` continues it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -19,11 +33,15 @@ from autodropout.errors import BadInput
 from autodropout.validation import check_int
 from patterns_db.states import SearchState, TrialState
 
-from .controllers import RLController, deserialize_state
+from .preflight import check_space, check_trial_setup, load_data, make_budget
 from .registry import CONTROLLERS
-from .searcher import PatternSearcher
 
 EXPERIMENT_SAVE_PERIOD_S = 1.0
+FAILED_FRACTION = 0.5
+"""A finished search with more than this fraction of its finished trials failed is
+``FAILED``, not ``COMPLETED`` (so is one whose trials all failed)."""
+SEED_RANGE = 2**31
+"""Without ``--seed`` a search draws its seed from ``secrets`` in ``[0, SEED_RANGE)``."""
 
 
 @dataclass
@@ -43,7 +61,9 @@ class SearchOptions:
     name: str | None = None
     resume: str | None = None
     warm_start: str | None = None
-    seed: int = 0
+    seed: int | None = None
+    """``None``: a new search draws one (stored with it); a resumed one reuses its own."""
+    train_examples: int | None = None
     data_dir: str | None = None
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
@@ -62,6 +82,23 @@ class SearchResult:
     elapsed: float
     best: list = field(default_factory=list)
     """The top patterns of this search (``RankedPattern`` records), best first."""
+    trial_counts: dict[str, int] = field(default_factory=dict)
+    """Trials by :class:`~patterns_db.states.TrialState` value."""
+    error: str | None = None
+    """The first failed trial's error, when any trial failed."""
+    seed: int | None = None
+
+    @property
+    def failed_trials(self) -> int:
+        return self.trial_counts.get(TrialState.FAILED.value, 0)
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C while the trials ran: the search is stored ``STOPPED``; :attr:`name` resumes it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 def experiments_root(options: SearchOptions) -> Path:
@@ -79,12 +116,15 @@ def run_search(options: SearchOptions) -> SearchResult:
     store = PatternStore(options.db)
     try:
         space, dataset, model = task or resumed_task(options, store)
-        budget = {**space.budget, "dataset": dataset, "model": model}
-        if options.epochs is not None:
-            budget["epochs"] = options.epochs
+        seed = choose_seed(options, store)
+        budget = make_budget(options, space, dataset, model)
         name = resolve_name(options, store, space.name, dataset)
+        data = load_data(options, dataset)
+        check_trial_setup(space, budget, data, seed, options)
+        controller = build_controller(options, space, store, seed)
         start_ray(options.address)
-        return _search(options, space, budget, dataset, model, name, store)
+        return _search(options, space, budget, dataset, model, name, store, data, controller,
+                       seed)
     finally:
         store.close()
 
@@ -92,22 +132,25 @@ def run_search(options: SearchOptions) -> SearchResult:
 def check_options(options: SearchOptions) -> None:
     CONTROLLERS.canonical(options.controller)
     for label, value in (("--trials", options.trials), ("--concurrent", options.concurrent),
-                         ("--epochs", options.epochs)):
+                         ("--epochs", options.epochs),
+                         ("--train-examples", options.train_examples)):
         if value is not None:
             check_int(value, label, low=1, error=BadInput)
+    if options.seed is not None:
+        check_int(options.seed, "--seed", low=0, error=BadInput)
     if options.resume and options.name and options.name != options.resume:
         raise BadInput("--name and --resume name different searches; pass one of them")
+    if options.warm_start and CONTROLLERS.canonical(options.controller) != "rl":
+        raise BadInput(f"--warm-start: the {options.controller} controller has no policy to "
+                       "warm-start; use --controller rl")
 
 
 def new_task(options: SearchOptions):
     """The space, dataset and model a new search trains, from its options and the space."""
     import search_spaces
-    from workers.registry import DATASETS
 
     space = search_spaces.load(options.space)
-    dataset = options.dataset or space.budget.get("dataset")
-    model = options.model or space.budget.get("model")
-    DATASETS.canonical(dataset)
+    dataset, model = check_space(space, dataset=options.dataset, model=options.model)
     return space, dataset, model
 
 
@@ -127,6 +170,18 @@ def resumed_task(options: SearchOptions, store):
             raise BadInput(f"{flag}: search {record.name!r} trains on {stored!r}, not {given!r}")
     space = search_spaces.parse(record.space_yaml, source=f"search {record.name!r}")
     return space, record.dataset, record.model
+
+
+def choose_seed(options: SearchOptions, store) -> int:
+    """``--seed``, else a fresh random seed; a resumed search keeps the seed it was started
+    with (a different ``--seed`` is an error)."""
+    if options.resume:
+        stored = store.get_search(options.resume).controller_settings.get("seed", 0)
+        if options.seed is not None and options.seed != stored:
+            raise BadInput(f"--seed: search {options.resume!r} was started with seed {stored}; "
+                           "a resumed search keeps its seed")
+        return stored
+    return options.seed if options.seed is not None else secrets.randbelow(SEED_RANGE)
 
 
 def resolve_name(options: SearchOptions, store, space_name: str, dataset: str) -> str:
@@ -184,45 +239,65 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise BadInput(f"--address: cannot reach Ray at {address}: {reason}") from None
 
 
-def build_controller(options: SearchOptions, space, store, name: str):
+def build_controller(options: SearchOptions, space, store, seed: int):
+    """The controller, warm-started from ``--warm-start NAME``'s stored policy (an unknown
+    name, a search without a policy or one over another space is :class:`BadInput`)."""
+    from autodropout.errors import NotFound
+
+    from .controllers import RLController, deserialize_state
+
     controller_class = CONTROLLERS.get(options.controller)
     if issubclass(controller_class, RLController):
         settings = {**space.controller, **options.controller_settings}
         settings.pop("reward", None)  # informational, not a policy setting
-        controller = controller_class(space, seed=options.seed, **settings)
+        controller = controller_class(space, seed=seed, **settings)
     else:
-        controller = controller_class(space, seed=options.seed)
+        controller = controller_class(space, seed=seed)
     if options.warm_start and isinstance(controller, RLController):
+        try:
+            store.get_search(options.warm_start)
+        except NotFound:
+            raise BadInput(f"--warm-start: no search named {options.warm_start!r} in "
+                           f"{store.url}") from None
         blob = store.load_controller_state(options.warm_start)
         if blob is None:
             raise BadInput(f"--warm-start: search {options.warm_start!r} has no controller state")
-        controller.warm_start(deserialize_state(blob))
+        try:
+            controller.warm_start(deserialize_state(blob))
+        except (RuntimeError, KeyError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise BadInput(f"--warm-start: the policy of search {options.warm_start!r} does not "
+                           f"fit space {space.name!r} ({reason})") from None
     return controller
 
 
-def _search(options, space, budget, dataset, model, name, store) -> SearchResult:
-    from workers.datasets import load_dataset
-
+def _search(options, space, budget, dataset, model, name, store, data, controller,
+            seed) -> SearchResult:
     from .callbacks import ProgressCallback, StoreCallback
+    from .searcher import PatternSearcher
 
     started = time.monotonic()
-    data = load_dataset(dataset, data_dir=options.data_dir)
-    controller = build_controller(options, space, store, name)
     searcher = PatternSearcher(controller, metric="reward", mode="max")
-    settings = {"controller": options.controller, "seed": options.seed, "trials": options.trials,
+    settings = {"controller": options.controller, "seed": seed, "trials": options.trials,
                 **getattr(controller, "settings", {})}
+    if options.resume:  # a resumed search keeps the settings it was started with
+        settings = {**settings, **store.get_search(name).controller_settings}
     store.create_search(name, space.name, space.yaml_text, dataset, model, settings,
                         resume=bool(options.resume))
     callbacks = [StoreCallback(options.db, name, searcher)]
     if options.progress:
-        callbacks.append(ProgressCallback(options.trials))
-    tuner = build_tuner(options, space, budget, name, data, searcher, callbacks)
-    status = fit(tuner, store, name, options)
-    return finish_search(store, name, status, time.monotonic() - started)
+        callbacks.append(ProgressCallback(settings.get("trials", options.trials),
+                                          concurrent=options.concurrent))
+    tuner = build_tuner(options, space, budget, name, data, searcher, callbacks, seed)
+    try:
+        status = fit(tuner, store, name, options)
+    except KeyboardInterrupt:
+        raise SearchInterrupted(name) from None
+    return finish_search(store, name, status, time.monotonic() - started, seed)
 
 
 def build_tuner(options: SearchOptions, space, budget: dict[str, Any], name: str, data,
-                searcher: PatternSearcher, callbacks: list):
+                searcher, callbacks: list, seed: int):
     """A new Tuner over ``searcher``'s trials, or the interrupted one restored (``--resume``)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -234,8 +309,11 @@ def build_tuner(options: SearchOptions, space, budget: dict[str, Any], name: str
     # `--resume` after a killed driver then redoes at most a second of bookkeeping, and
     # StoreCallback records a trial only once a save holds it. A save takes ~10 ms.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_SAVE_PERIOD_S))
+    quiet_restore_hint()
+    # The trials get the space parsed here (never a path to look up again from their own
+    # working directory) and the dataset loaded here, through the object store.
     trainable = tune.with_resources(
-        make_trainable(data), {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
+        make_trainable(data, space), {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial})
     root = experiments_root(options)
     root.mkdir(parents=True, exist_ok=True)
     if options.resume:
@@ -243,7 +321,7 @@ def build_tuner(options: SearchOptions, space, budget: dict[str, Any], name: str
                                   resume_errored=False, restart_errored=False)
     return tune.Tuner(
         trainable,
-        param_space={"space": portable_space_ref(space), "seed": options.seed, "budget": budget},
+        param_space={"space": space.name, "seed": seed, "budget": budget},
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrent),
             num_samples=options.trials,
@@ -259,38 +337,71 @@ def build_tuner(options: SearchOptions, space, budget: dict[str, Any], name: str
     )
 
 
+def quiet_restore_hint() -> None:
+    """Drop Tune's "Resume experiment with: Tuner.restore(...)" warning: the CLI prints its
+    own ``autodropout search --resume NAME``."""
+    logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoRestoreHint) for f in logger.filters):
+        logger.addFilter(_NoRestoreHint())
+
+
+class _NoRestoreHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
 def fit(tuner, store, name: str, options: SearchOptions) -> SearchState:
-    """Run the trials; the search ends ``COMPLETED`` once every wanted trial finished,
-    ``STOPPED`` when interrupted (``--resume`` continues it), ``FAILED`` on an error."""
+    """Run the trials; the search ends ``COMPLETED`` once every wanted trial finished (and
+    at most :data:`FAILED_FRACTION` of them failed, else ``FAILED``), ``STOPPED`` when
+    interrupted (``--resume`` continues it), ``FAILED`` on an error."""
     status = SearchState.FAILED
     try:
         tuner.fit()
         # a resumed search keeps the trial count it was started with
         wanted = store.get_search(name).controller_settings.get("trials", options.trials)
-        status = SearchState.COMPLETED if finished_trials(store, name) >= wanted \
-            else SearchState.STOPPED
+        status = final_state(store.search_summary(name).trial_counts, wanted)
     except KeyboardInterrupt:
         status = SearchState.STOPPED
         raise
     finally:
-        store.finish_search(name, status)
+        end_search(store, name, status)
     return status
 
 
-def finish_search(store, name: str, status: SearchState, elapsed: float) -> SearchResult:
+def final_state(counts: dict[str, int], wanted: int) -> SearchState:
+    """How a search whose fit returned ends, from its trials by state; see the module
+    docstring."""
+    finished = sum(count for state, count in counts.items() if state != TrialState.RUNNING)
+    if finished < wanted:
+        return SearchState.STOPPED
+    failed = counts.get(TrialState.FAILED.value, 0)
+    return SearchState.FAILED if failed > FAILED_FRACTION * finished else SearchState.COMPLETED
+
+
+def first_error(store, name: str) -> str | None:
+    """The error of the search's first failed trial (in trial order), if any."""
+    for trial in store.trials(name, with_metrics=False):
+        if trial.status == TrialState.FAILED:
+            return trial.error or "the trial failed"
+    return None
+
+
+def end_search(store, name: str, status: SearchState) -> None:
+    """Store the search's end; a failed search keeps its first trial error."""
+    error = first_error(store, name) if status is SearchState.FAILED else None
+    store.finish_search(name, status, error=error)
+
+
+def finish_search(store, name: str, status: SearchState, elapsed: float,
+                  seed: int | None = None) -> SearchResult:
     """Tag the search's best pattern ``NAME-best`` and sum the search up."""
     summary = store.search_summary(name)
     if summary.best_pattern_hash:
         store.tag(summary.best_pattern_hash, f"{name}-best")
+    counts = {str(state): count for state, count in summary.trial_counts.items()}
     return SearchResult(name, status, summary.trials, summary.best_reward,
-                        summary.best_pattern_hash, elapsed, store.best(5, search=name))
-
-
-def portable_space_ref(space) -> str:
-    """A shipped space by name (its path differs between nodes), a user's file by path."""
-    from search_spaces.loader import SPACES_DIR
-
-    return space.name if Path(space.source).resolve().parent == SPACES_DIR else space.source
+                        summary.best_pattern_hash, elapsed, store.best(5, search=name),
+                        trial_counts=counts, error=first_error(store, name), seed=seed)
 
 
 def finished_trials(store, name: str) -> int:

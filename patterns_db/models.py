@@ -215,6 +215,7 @@ class SearchRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     TASK = ("space_name", "dataset", "model")
     """The columns a resumed search must match."""
@@ -256,10 +257,12 @@ class SearchRow(Base):
                 )
         self.set_state(SearchState.RUNNING)
 
-    def set_state(self, state: SearchState) -> None:
-        """Enter ``state``: a finished state stamps the end, ``RUNNING`` clears it."""
+    def set_state(self, state: SearchState, error: str | None = None) -> None:
+        """Enter ``state``: a finished state stamps the end, ``RUNNING`` clears it; ``error``
+        (why a search failed) is kept, and cleared by any other state."""
         self.status = state
         self.finished_at = utcnow() if state.is_finished() else None
+        self.error = error
 
 
 class TrialRow(Base):

@@ -44,6 +44,8 @@ class SearchRecord:
     started_at: datetime
     finished_at: datetime | None
     host: str | None
+    error: str | None = None
+    """Why a ``FAILED`` search failed (its first trial error), else ``None``."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ from .urls import redact, resolve_url, scrub, sqlite_path
 log = logging.getLogger(__name__)
 
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+MAX_ERROR = 2000
+"""Characters of a failed search's error that the store keeps."""
 TAG_NAME = re.compile(rf"(?!\d+$)[A-Za-z0-9][A-Za-z0-9._-]{{0,{TAG_LENGTH - 1}}}")  # digits: an id
 
 
@@ -181,13 +183,19 @@ class PatternStore:
             return _search_record(SearchRow.find_by_name(session, name))
 
     def finish_search(
-        self, name: str, status: SearchState | str = SearchState.COMPLETED
+        self, name: str, status: SearchState | str = SearchState.COMPLETED,
+        error: str | None = None,
     ) -> SearchRecord:
-        """End the search ``COMPLETED``, ``FAILED`` or ``STOPPED`` and stamp its end."""
+        """End the search ``COMPLETED``, ``FAILED`` or ``STOPPED`` and stamp its end; a
+        ``FAILED`` search keeps ``error`` (why it failed, at most 2,000 characters)."""
         finished = [state for state in SearchState if state.is_finished()]
         state = _check_state(status, finished, "status")
+        if error is not None:
+            if state is not SearchState.FAILED:
+                raise BadInput(f"error is for a failed search, not a {state} one")
+            error = _check_text(error, "error")[:MAX_ERROR]
         with self._writing() as session:
-            SearchRow.find_by_name(session, name).set_state(state)
+            SearchRow.find_by_name(session, name).set_state(state, error)
         return self.get_search(name)
 
     def searches(self) -> list[SearchSummary]:

@@ -53,6 +53,42 @@ def load(name_or_path: str | Path) -> SearchSpace:
     return parse(text, source=str(path))
 
 
+def location(space: SearchSpace, key: str) -> str:
+    """``file:line: key`` for a dotted ``key`` of ``space``'s YAML (``budget.model``,
+    ``sites[1].modules``): where an error about that key points. Without the key in the
+    text (a default), the line of its section, else ``file: key``."""
+    line = key_line(space.yaml_text, key)
+    return f"{space.source}:{line}: {key}" if line else f"{space.source}: {key}"
+
+
+def key_line(text: str, key: str) -> int | None:
+    """The 1-based line of dotted ``key`` (``a.b``, ``a[2].b``) in YAML ``text``, or of the
+    nearest enclosing key present; ``None`` when even the first is absent or the text is not
+    YAML."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in key.replace("[", ".[").split("."):
+        if part.startswith("[") and isinstance(node, yaml.SequenceNode):
+            index = int(part.strip("[]"))
+            if index >= len(node.value):
+                break
+            node = node.value[index]
+            line = node.start_mark.line + 1
+        elif isinstance(node, yaml.MappingNode):
+            found = next((pair for pair in node.value
+                          if isinstance(pair[0], yaml.ScalarNode) and pair[0].value == part), None)
+            if found is None:
+                break
+            line = found[0].start_mark.line + 1
+            node = found[1]
+        else:
+            break
+    return line
+
+
 def parse(text: str, source: str = "<string>") -> SearchSpace:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)

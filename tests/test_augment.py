@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from stats import assert_fraction
+
 from workers.augment import CROP_PADDING, augment, check_augmentation, random_crop, random_flip
 
 

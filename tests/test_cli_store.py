@@ -29,6 +29,7 @@ SEARCH_KEYS = {
     "best_reward",
     "best_trial",
     "best_hash",
+    "error",
 }
 
 

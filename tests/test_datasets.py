@@ -211,6 +211,18 @@ def test_text_vocabulary_from_train_and_unknown_words(tmp_path):
         load_dataset("ptb", tmp_path, download=False)
 
 
+def test_text_that_is_not_utf8_or_empty_names_the_file(tmp_path):
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    (folder / "ptb.test.txt").write_text("a\n")
+    (folder / "ptb.train.txt").write_bytes(b"a b\n\xff\xfe c\n")
+    with pytest.raises(DataFormatError, match=r"ptb\.train\.txt: not UTF-8 text \(byte 4"):
+        load_dataset("ptb", tmp_path, download=False)
+    (folder / "ptb.train.txt").write_bytes(b"")
+    with pytest.raises(DataFormatError, match=r"ptb\.train\.txt: holds no words"):
+        load_dataset("ptb", tmp_path, download=False)
+
+
 def test_unknown_dataset_name():
     with pytest.raises(ValueError, match="name must be one of .*fashion-mnist"):
         load_dataset("imagenet")

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from workers.datasets import load_dataset
-from workers.download import SOURCES, DownloadError, cache_dir, download, locate, sha256_of
+from workers.download import (
+    SOURCES,
+    DownloadError,
+    MissingData,
+    cache_dir,
+    download,
+    locate,
+    sha256_of,
+)
 
 LABELS = "train-labels-idx1-ubyte.gz"
 
@@ -121,9 +129,32 @@ def test_load_dataset_downloads_from_env_mirror_into_cache(served, cache, shared
 
 def test_data_dir_comes_before_the_cache_and_download(cache, tmp_path, shared_data_dir):
     assert locate("ptb", ("ptb.test.txt",), data_dir=shared_data_dir) == Path(shared_data_dir, "ptb")
-    with pytest.raises(FileNotFoundError, match=r"ptb\.test\.txt not found in .*download=False"):
+    with pytest.raises(FileNotFoundError, match=r"ptb does not exist: .*ptb/ptb\.test\.txt"):
         locate("ptb", ("ptb.test.txt",), data_dir=tmp_path, download_missing=False)
     assert not cache.exists()
+
+
+def test_explicit_data_dir_lacking_files_never_falls_back(served, cache, shared_data_dir,
+                                                          tmp_path, monkeypatch):
+    """Neither the cache nor a mirror replaces the folder the user named."""
+    root, url = served
+    serve_copy(root, shared_data_dir, "ptb", "ptb.train.txt")
+    serve_copy(root, shared_data_dir, "ptb", "ptb.test.txt")
+    (cache / "ptb").mkdir(parents=True)
+    shutil.copyfile(Path(shared_data_dir, "ptb", "ptb.train.txt"), cache / "ptb" / "ptb.train.txt")
+    folder = tmp_path / "mine" / "ptb"
+    folder.mkdir(parents=True)
+    (folder / "ptb.train.txt").write_text("a b\n")
+    with pytest.raises(MissingData, match=rf"{folder} lacks ptb\.test\.txt: the data folder "
+                       r"must hold ptb/ptb\.train\.txt and ptb\.test\.txt"):
+        load_dataset("ptb", tmp_path / "mine", mirror=url)
+    monkeypatch.setenv("AUTODROPOUT_DATA_DIR", str(tmp_path / "mine"))
+    with pytest.raises(MissingData, match=r"\(from AUTODROPOUT_DATA_DIR\) lacks ptb\.test\.txt"):
+        load_dataset("ptb", mirror=url)
+    assert sorted(p.name for p in (cache / "ptb").iterdir()) == ["ptb.train.txt"]
+    with pytest.raises(MissingData, match=r"cifar-10 does not exist: .*cifar-10-python\.tar\.gz"
+                       r".* \(or the extracted cifar-10-batches-py/ folder\)"):
+        load_dataset("cifar-10", tmp_path / "mine")
 
 
 def test_cache_dir_follows_xdg(monkeypatch, tmp_path):

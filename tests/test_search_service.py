@@ -77,6 +77,23 @@ def test_transformer_space_search_trains_the_gpt(ray_session, search_args, tmp_p
         assert best.space == "transformer"
 
 
+@pytest.mark.ray
+def test_space_given_by_a_relative_path(ray_session, search_args, tmp_path, monkeypatch):
+    """The driver parses ``--space valid.yaml`` once; the trials (each in its own working
+    directory) get the parsed space, so they train instead of failing on the path."""
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    (folder / "valid.yaml").write_text(search_spaces.loader.resolve("tiny").read_text())
+    assert main(search_args("--space", "valid.yaml", "--trials", "2", "--name", "rel",
+                            "--seed", "3")) == 0
+    with PatternStore(search_args.db) as store:
+        trials = store.trials("rel")
+        assert [t.status for t in trials] == ["completed", "completed"], [t.error for t in trials]
+        assert store.get_search("rel").status == "completed"
+        assert store.get_search("rel").controller_settings["seed"] == 3
+
+
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "autodropout", *args], capture_output=True,
                           text=True, timeout=120, env=env)
@@ -90,6 +107,10 @@ def run_cli(*args, env=None):
     (("--trials", "0"), "--trials must be a positive integer, got 0"),
     (("--set", "lr=fast"), "--set lr must be a number, got 'fast'"),
     (("--set", "layers=0"), "--set layers must be a positive integer, got 0"),
+    (("--warm-start", "never-ran"), "--warm-start: no search named 'never-ran'"),
+    (("--train-examples", "99999"), "--train-examples: 99999 is more than the 1920 examples"),
+    (("--model", "resnet50"), "--model must be one of [wrn, gpt], got 'resnet50'"),
+    (("--seed", "-1"), "--seed must be"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, change, message):
     db = tmp_path / "patterns.db"

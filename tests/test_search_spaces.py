@@ -170,3 +170,12 @@ def test_readme_lists_the_controller_settings_of_the_one_table():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert controller_table() in readme
     assert len(controller_table().splitlines()) == 2 + len(CONTROLLER_DEFAULTS)
+
+
+def test_cli_show_refuses_a_budget_a_search_would_refuse(tmp_path):
+    path = tmp_path / "resnet.yaml"
+    path.write_text(VALID + "budget:\n  model: resnet50\n")
+    result = run_cli("spaces", "show", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"autodropout: error: {path}:15: budget.model must be one of "
+                             "[wrn, gpt], got 'resnet50'\n")

@@ -89,11 +89,14 @@ def test_existing_search_needs_resume_with_the_same_task(store, search):
         store.create_search(search, "wrn-space", SPACE_YAML, "fashion", "wrn-28-2")
     with pytest.raises(BadInput, match="dataset: search 's1' has 'fashion', not 'cifar10'"):
         store.create_search(search, "wrn-space", SPACE_YAML, "cifar10", "wrn-28-2", resume=True)
-    store.finish_search(search, "failed")
+    failed = store.finish_search(search, "failed", error="x" * 3000)
+    assert failed.error == "x" * 2000 and store.search_summary(search).search.error == failed.error
     resumed = store.create_search(
         search, "wrn-space", SPACE_YAML, "fashion", "wrn-28-2", resume=True
     )
-    assert resumed.status == "running" and resumed.finished_at is None
+    assert resumed.status == "running" and resumed.finished_at is None and resumed.error is None
+    with pytest.raises(BadInput, match="^error is for a failed search, not a completed one"):
+        store.finish_search(search, "completed", error="boom")
 
 
 def test_unknown_search_is_not_found(store):

@@ -72,6 +72,22 @@ def test_trials_use_the_shared_bundle_not_the_files(ray_session, tmp_path):
     assert all(r.metrics["final"] and r.metrics["epoch"] == 1 for r in results)
 
 
+@pytest.mark.ray
+def test_trials_use_the_parsed_space_not_its_file(ray_session, tmp_path):
+    """A search hands its trials the space it parsed: a relative or deleted path in the
+    config is never looked up again (Tune runs each trial in its own working directory)."""
+    from workers.trainable import make_trainable
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(search_spaces.loader.resolve("tiny").read_text().replace("name: tiny",
+                                                                              "name: mine"))
+    space = search_spaces.load(path)
+    path.unlink()
+    results = fit(make_trainable(load_dataset("synthetic"), space),
+                  {"budget": {"epochs": 1, **SMALL}, "space": "mine.yaml"}, tmp_path)
+    assert len(results) == 2 and all(r.metrics["final"] for r in results)
+
+
 def test_build_child_shapes_the_model_from_the_dataset():
     budget = Budget.from_mapping(search_spaces.load("tiny").budget)
     model = build_child(budget, load_dataset("synthetic"), seed=0, model_args={"width": 1})

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .download import locate
+from .download import MissingData, locate
 from .registry import DATASETS
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
@@ -233,7 +233,11 @@ def _load_cifar10(name: str, data_dir, download: bool, mirror: str | None) -> Da
     try:
         folder = locate(name, extracted, data_dir, download_missing=False)
     except FileNotFoundError:
-        return _load_cifar10_tarball(locate(name, (CIFAR_TARBALL,), data_dir, download, mirror))
+        try:
+            tarball = locate(name, (CIFAR_TARBALL,), data_dir, download, mirror)
+        except MissingData as error:
+            raise MissingData(f"{error} (or the extracted {CIFAR_FOLDER}/ folder)") from None
+        return _load_cifar10_tarball(tarball)
 
     def read(batch: str) -> Images:
         path = folder / CIFAR_FOLDER / batch
@@ -265,10 +269,16 @@ def _load_cifar10_tarball(folder: Path) -> DatasetBundle:
 def read_words(path: str | Path) -> list[str]:
     """The whitespace-separated words of a text file, with ``<eos>`` after every line."""
     words: list[str] = []
-    with open(path, encoding="utf-8", newline=None) as stream:
-        for line in stream:
-            words.extend(line.split())
-            words.append(EOS)
+    try:
+        with open(path, encoding="utf-8", newline=None) as stream:
+            for line in stream:
+                words.extend(line.split())
+                words.append(EOS)
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") \
+            from None
+    if not any(word != EOS for word in words):
+        raise DataFormatError(f"{path}: holds no words")
     return words
 
 

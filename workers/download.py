@@ -2,7 +2,8 @@
 
 Where files are looked for, in order:
 
-1. ``<data_dir>/<dataset>/`` for ``data_dir`` (argument, else ``AUTODROPOUT_DATA_DIR``);
+1. ``<data_dir>/<dataset>/`` for ``data_dir`` (argument, else ``AUTODROPOUT_DATA_DIR``):
+   when one is given, there only (:class:`MissingData` if the files are not there);
 2. the cache, ``$XDG_CACHE_HOME/autodropout/<dataset>/`` (``~/.cache/autodropout`` without it);
 3. with ``download=True``, the missing files are downloaded into the cache from the
    dataset's base URL: the canonical one of :data:`SOURCES`, or ``<mirror>/<dataset>/``
@@ -141,30 +142,48 @@ def download(url: str, destination: str | Path, sha256: str) -> Path:
     return destination
 
 
+class MissingData(FileNotFoundError):
+    """An explicit data folder (``data_dir`` or ``AUTODROPOUT_DATA_DIR``) lacks a dataset's
+    files; the message names the folder and the files expected there."""
+
+
 def locate(dataset: str, files: tuple[str, ...], data_dir: str | Path | None = None,
            download_missing: bool = True, mirror: str | None = None) -> Path:
     """The folder holding every one of ``files`` of ``dataset``; see the module docstring.
 
+    An explicit ``data_dir`` (argument, else ``AUTODROPOUT_DATA_DIR``) must hold the files
+    under ``<data_dir>/<dataset>/``: without them this raises :class:`MissingData` naming the
+    folder and the files, and neither the cache nor a download is tried (a folder the user
+    pointed at is never silently replaced by other data).
+
     Files already on disk are used as they are. Downloads go to the cache and are checked
     against :data:`SOURCES`; ``files`` outside it cannot be downloaded.
     """
-    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
-    candidates = ([Path(data_dir) / dataset] if data_dir else []) + [cache_dir() / dataset]
-    for folder in candidates:
-        if all((folder / name).is_file() for name in files):
-            return folder
-    looked = ", ".join(str(folder) for folder in candidates)
+    origin = ""
+    if data_dir is None and os.environ.get(DATA_DIR_ENV):
+        data_dir, origin = os.environ[DATA_DIR_ENV], f" (from {DATA_DIR_ENV})"
+    if data_dir:
+        folder = Path(data_dir).expanduser() / dataset
+        missing = [name for name in files if not (folder / name).is_file()]
+        if missing:
+            found = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"
+            raise MissingData(
+                f"{folder}{origin} {found}: the data folder must hold {dataset}/"
+                f"{' and '.join(files)} (an explicit data folder is not replaced by a download)")
+        return folder
+    folder = cache_dir() / dataset
+    if all((folder / name).is_file() for name in files):
+        return folder
     if not download_missing:
         raise FileNotFoundError(
-            f"{dataset}: {', '.join(files)} not found in {looked} and download=False"
+            f"{dataset}: {', '.join(files)} not found in {folder} and download=False"
         )
     if dataset not in SOURCES:
-        raise FileNotFoundError(f"{dataset}: not found in {looked} and there is no download source")
+        raise FileNotFoundError(f"{dataset}: not found in {folder} and there is no download source")
     source = SOURCES[dataset]
     mirror = mirror or os.environ.get(MIRROR_ENV)
     base = f"{mirror.rstrip('/')}/{dataset}/" if mirror else source.base_url
-    target = cache_dir() / dataset
     for name in files:
-        if not (target / name).is_file():
-            download(base + name, target / name, source.sha256[name])
-    return target
+        if not (folder / name).is_file():
+            download(base + name, folder / name, source.sha256[name])
+    return folder

@@ -3,7 +3,10 @@
 ``config`` (from the searcher, plus constants of the search):
 
 * ``pattern``: the pattern's canonical JSON (required);
-* ``space``: a shipped space name or a YAML path (default: the pattern's ``space``);
+* ``space``: a shipped space name or a YAML path (default: the pattern's ``space``), read
+  by the trial itself when the trainable holds no parsed space (a relative path is looked
+  up from the trial's working directory, so a search passes the parsed space instead, see
+  :func:`make_trainable`);
 * ``budget``: overrides of the space's ``budget:`` section;
 * ``model_args``: extra keyword arguments of the child model (e.g. ``{"width": 1}``);
 * ``site_modules``: per-site module globs overriding the space's ``modules:``;
@@ -17,8 +20,9 @@ Every epoch is reported with ``ray.tune.report``: the metrics of
 ``device``, ``threads``, ``pattern_hash`` and ``duration`` (seconds since the trial
 started). The last report has ``final: True`` and the trial's ``reward``.
 
-Load the dataset once on the driver and share it through the object store with
-:func:`make_trainable`; without it, each trial loads the dataset itself.
+Load the dataset and parse the space once on the driver and share them through the object
+store with :func:`make_trainable`; without it, each trial loads the dataset and the space
+itself.
 """
 
 from __future__ import annotations
@@ -40,16 +44,19 @@ from .training import Budget, build_child, site_selectors, train_child
 __all__ = ["claim_device", "make_trainable", "pattern_trainable"]
 
 
-def make_trainable(bundle: DatasetBundle):
-    """:func:`pattern_trainable` with ``bundle`` put in the object store once, for every trial."""
-    return tune.with_parameters(pattern_trainable, data=bundle)
+def make_trainable(bundle: DatasetBundle, space: search_spaces.SearchSpace | None = None):
+    """:func:`pattern_trainable` with ``bundle`` (and the parsed ``space``) put in the object
+    store once, for every trial: trials then read no dataset file and no space file."""
+    return tune.with_parameters(pattern_trainable, data=bundle, space=space)
 
 
-def pattern_trainable(config: dict[str, Any], data: DatasetBundle | None = None) -> None:
+def pattern_trainable(config: dict[str, Any], data: DatasetBundle | None = None,
+                      space: search_spaces.SearchSpace | None = None) -> None:
     """Tune function trainable; see the module docstring for ``config`` and the metrics."""
     started = time.perf_counter()
     pattern = Pattern.from_json(config["pattern"], source="config['pattern']")
-    space = search_spaces.load(config.get("space") or pattern.space)
+    if space is None:
+        space = search_spaces.load(config.get("space") or pattern.space)
     budget = Budget.from_mapping(space.budget, **config.get("budget", {}))
     seed = config.get("seed", 0)
     if data is None:

@@ -21,13 +21,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     search.add_argument("--trials", type=int, default=20, help="number of trials (default: 20)")
     search.add_argument("--concurrent", type=int, default=2, help="trials at once (default: 2)")
     search.add_argument("--epochs", type=int, help="epochs per trial (default: the space's budget)")
+    search.add_argument("--train-examples", type=int, metavar="N",
+                        help="training examples (tokens for text) per trial (default: the "
+                        "space's budget.train_examples)")
     search.add_argument("--controller", choices=CONTROLLERS.names(), default="rl")
     search.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)")
     search.add_argument("--db", help="pattern store URL (default: $AUTODROPOUT_DB or the local SQLite file)")
     search.add_argument("--name", help="search name (default: SPACE-DATASET-TIMESTAMP)")
     search.add_argument("--resume", metavar="NAME", help="continue an interrupted search")
     search.add_argument("--warm-start", metavar="NAME", help="start from the policy of an earlier search")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=int, help="seed of the controller and the trials (default: "
+                        "drawn at random and stored with the search; --resume keeps it)")
     search.add_argument("--data-dir", help="dataset folder (default: $AUTODROPOUT_DATA_DIR or download)")
     search.add_argument("--cpus-per-trial", type=float, default=1.0)
     search.add_argument("--gpus-per-trial", type=float, default=0.0, help="e.g. 0.25 for four trials per GPU")
@@ -56,7 +60,7 @@ def parse_settings(pairs: list[str]) -> dict[str, float | int | str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller.service import SearchOptions, run_search
+    from controller.service import SearchInterrupted, SearchOptions, run_search
     from patterns_db.states import SearchState
 
     options = SearchOptions(
@@ -64,21 +68,45 @@ def run(args: argparse.Namespace) -> int:
         concurrent=args.concurrent, epochs=args.epochs, controller=args.controller,
         controller_settings=parse_settings(args.set), address=args.address, db=args.db,
         name=args.name, resume=args.resume, warm_start=args.warm_start, seed=args.seed,
-        data_dir=args.data_dir, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, experiments_dir=args.experiments_dir,
-        progress=not args.quiet,
+        train_examples=args.train_examples, data_dir=args.data_dir,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        experiments_dir=args.experiments_dir, progress=not args.quiet,
     )
     try:
         result = run_search(options)
-    except KeyboardInterrupt:
-        name = options.resume or options.name or "NAME"
-        print(f"autodropout: search stopped; continue it with: autodropout search --resume {name}",
-              file=sys.stderr)
+    except SearchInterrupted as stopped:
+        print_resume_hint(args, stopped.name)
         return 130
-    print(f"search {result.name}: {result.status}, {result.trials} trials in {result.elapsed:.0f} s")
+    counts = result.trial_counts
+    finished = sum(count for state, count in counts.items() if state != "running")
+    tally = f"{counts.get('completed', 0)} completed, {result.failed_trials} failed"
+    if counts.get("early-stopped"):
+        tally += f", {counts['early-stopped']} early-stopped"
+    print(f"search {result.name}: {result.status}, {result.trials} trials ({tally}) "
+          f"in {result.elapsed:.0f} s, seed {result.seed}")
     for rank, hit in enumerate(result.best, 1):
         print(f"  {rank}. reward {hit.reward:.4f}  pattern {hit.record.hash[:12]}  trial {hit.trial_id}")
     if result.best_hash:
         print(f"best pattern tagged {result.name}-best")
         print(f"export it: autodropout patterns export {result.name}-best -o pattern.json")
-    return 0 if result.status is SearchState.COMPLETED else 1
+    if result.status is SearchState.STOPPED:
+        print_resume_hint(args, result.name)
+        return 130
+    if result.status is SearchState.FAILED:
+        print(f"autodropout: error: search {result.name} failed: {result.failed_trials} of "
+              f"{finished} trials failed; first error: {result.error}", file=sys.stderr)
+        return 1
+    if result.error:
+        print(f"autodropout: warning: {result.failed_trials} of {finished} trials failed; "
+              f"first error: {result.error}", file=sys.stderr)
+    return 0
+
+
+def print_resume_hint(args: argparse.Namespace, name: str) -> None:
+    """How to continue a stopped search: the same store and experiments folder, by name."""
+    import shlex
+
+    extra = [f"{flag} {shlex.quote(value)}" for flag, value in
+             (("--db", args.db), ("--experiments-dir", args.experiments_dir)) if value]
+    command = " ".join(["autodropout search --resume", shlex.quote(name), *extra])
+    print(f"autodropout: search {name} stopped; continue it with: {command}", file=sys.stderr)

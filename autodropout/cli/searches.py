@@ -9,7 +9,8 @@ when absent), hashes full 64-digit SHA-256 hex.
 
 * ``searches list --json``: a list, oldest first, of ``{"name", "space", "dataset", "model",
   "status", "host", "started_at", "finished_at", "trials", "trials_by_status",
-  "best_reward", "best_trial", "best_hash"}``.
+  "best_reward", "best_trial", "best_hash", "error"}`` (``error``: why a failed search
+  failed, else null).
 * ``searches show NAME --json``: the same object plus ``"controller_settings"``,
   ``"curve"``, a list of ``{"trial", "status", "reward", "best_so_far"}`` in trial order,
   and ``"trial_table"``, a list of ``{"trial", "status", "reward", "epochs", "pattern",
@@ -79,6 +80,7 @@ def _search_json(summary: Any) -> dict[str, Any]:
         "best_reward": summary.best_reward,
         "best_trial": summary.best_trial_id,
         "best_hash": summary.best_pattern_hash,
+        "error": search.error,
     }
 
 
@@ -144,6 +146,7 @@ def _searches_show(args: argparse.Namespace) -> int:
             ("finished", result["finished_at"] or "-"),
             ("trials", f"{result['trials']} ({counts})" if counts else "0"),
             ("best so far", best),
+            *([("error", result["error"])] if result["error"] else []),
             ("controller", json.dumps(result["controller_settings"], sort_keys=True)),
         ]
     )

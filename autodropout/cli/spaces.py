@@ -34,8 +34,10 @@ def list_spaces(args: argparse.Namespace) -> int:
 
 def show_space(args: argparse.Namespace) -> int:
     import search_spaces
+    from controller.preflight import check_space
 
     space = search_spaces.load(args.space)
+    check_space(space, require=False)  # a budget a search would refuse is refused here too
     print(f"{space.name} ({space.kind}): {space.description}".rstrip(": "))
     print(f"file: {space.source}")
     print(f"sites: {space.num_sites}, decisions: {len(space.decisions)}, "
