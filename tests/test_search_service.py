@@ -54,6 +54,7 @@ def test_random_controller_and_warm_start(ray_session, search_args):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_transformer_space_search_trains_the_gpt(ray_session, search_args, tmp_path):
     """The shipped transformer space end to end: span patterns go into the GPT language
     model, trials report perplexity-based rewards, and the best pattern is stored."""
@@ -78,6 +79,7 @@ def test_transformer_space_search_trains_the_gpt(ray_session, search_args, tmp_p
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_space_given_by_a_relative_path(ray_session, search_args, tmp_path, monkeypatch):
     """The driver parses ``--space valid.yaml`` once; the trials (each in its own working
     directory) get the parsed space, so they train instead of failing on the path."""

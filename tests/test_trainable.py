@@ -36,6 +36,7 @@ def fit(trainable, param_space: dict, storage) -> list:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_trials_on_synthetic_report_each_epoch(ray_session, tmp_path):
     from workers.trainable import pattern_trainable
 
@@ -56,6 +57,7 @@ def test_two_trials_on_synthetic_report_each_epoch(ray_session, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_trials_use_the_shared_bundle_not_the_files(ray_session, tmp_path):
     from workers.trainable import make_trainable
 
@@ -73,6 +75,7 @@ def test_trials_use_the_shared_bundle_not_the_files(ray_session, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_trials_use_the_parsed_space_not_its_file(ray_session, tmp_path):
     """A search hands its trials the space it parsed: a relative or deleted path in the
     config is never looked up again (Tune runs each trial in its own working directory)."""
