@@ -77,6 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "AUTODROPOUT_DB": os.path.join(tmp, "store.db")}
+        subprocess.run([sys.executable, "-c", "from patterns_db import PatternStore; "
+                        "PatternStore().close()"], env=env, check=True)
         entry = shutil.which("autodropout")
         if entry is None:
             raise SystemExit("the autodropout command is not installed (pip install -e .)")
