@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from autodropout.validation import check_int
+
 from .download import MissingData, locate
 from .registry import DATASETS
 
@@ -119,19 +121,11 @@ def validation_split(train: Images | Tensor, validation_examples: int,
     contiguous blocks so sentences stay whole (``seed`` plays no part).
     """
     total = len(train)
-    if isinstance(validation_examples, bool) or not isinstance(validation_examples, int) \
-            or not 1 <= validation_examples < total:
-        raise ValueError(
-            f"validation_examples must be an integer in [1, {total}), got {validation_examples!r}"
-        )
+    check_int(validation_examples, "validation_examples", low=1, high=total - 1)
     available = total - validation_examples
     train_examples = available if train_examples is None else train_examples
-    if isinstance(train_examples, bool) or not isinstance(train_examples, int) \
-            or not 1 <= train_examples <= available:
-        raise ValueError(
-            f"train_examples must be an integer in [1, {available}] ({total} examples, "
-            f"{validation_examples} held out), got {train_examples!r}"
-        )
+    check_int(train_examples, f"train_examples ({total} examples, {validation_examples} held "
+              "out)", low=1, high=available)
     if isinstance(train, Tensor):
         return Holdout(train[:train_examples], train[available:])
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from autodropout.errors import BadInput
 from autodropout.patterns import Pattern
+from autodropout.validation import check_int
 
 from .baselines import Baseline
 from .datasets import DatasetBundle, Holdout, Images
@@ -57,9 +58,7 @@ def training_subset(train: Images | Tensor, examples: int | None, seed: int = 0)
     the first ``examples`` tokens of a token stream."""
     if examples is None:
         return train
-    if isinstance(examples, bool) or not isinstance(examples, int) \
-            or not 1 <= examples <= len(train):
-        raise ValueError(f"examples must be an integer in [1, {len(train)}], got {examples!r}")
+    examples = check_int(examples, "examples", low=1, high=len(train))
     if isinstance(train, Tensor):
         return train[:examples]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))

@@ -14,15 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autodropout.layers.base import check_probability
+from autodropout.validation import check_int, check_probability
 
 from .registry import MODELS
-
-
-def _check_positive(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class WideBlock(nn.Module):
@@ -80,11 +74,11 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        if (check_int(depth, "depth", low=10) - 4) % 6:
             raise ValueError(f"depth must be 6 n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth!r}")
-        _check_positive(width, "width")
-        _check_positive(num_classes, "num_classes")
-        _check_positive(in_channels, "in_channels")
+        check_int(width, "width", low=1)
+        check_int(num_classes, "num_classes", low=1)
+        check_int(in_channels, "in_channels", low=1)
         p = check_probability(dropout, "dropout")
         self.depth, self.width = depth, width
         blocks_per_group = (depth - 4) // 6
@@ -209,8 +203,8 @@ class GPTLanguageModel(nn.Module):
         super().__init__()
         for value, name in ((vocab_size, "vocab_size"), (context, "context"),
                             (d_model, "d_model"), (n_layers, "n_layers"), (n_heads, "n_heads")):
-            _check_positive(value, name)
-        d_ff = 4 * d_model if d_ff is None else _check_positive(d_ff, "d_ff")
+            check_int(value, name, low=1)
+        d_ff = 4 * d_model if d_ff is None else check_int(d_ff, "d_ff", low=1)
         p = check_probability(dropout, "dropout")
         self.context = context
         self.transformer = nn.ModuleDict(
