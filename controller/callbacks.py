@@ -142,6 +142,9 @@ class ProgressCallback(Callback):
     the rate is what this driver achieved since it started (a resumed search does not count
     its earlier trials as done in no time). State comes from Tune's own trial list and this
     callback's record of each trial's end, so a resumed search starts where it was.
+
+    A trial a scheduler (ASHA) stopped counts as finished work, shown apart ("N
+    early-stopped"); the best reward so far is of completed (full-budget) trials only.
     """
 
     METRICS = ("reward", "val_accuracy", "val_perplexity", "val_loss")
@@ -152,6 +155,8 @@ class ProgressCallback(Callback):
         self.best: float | None = None
         self.completed: set[str] = set()
         self.failed: set[str] = set()
+        self.early_stopped: set[str] = set()
+        """The trials of :attr:`completed` a scheduler stopped before their last epoch."""
         self.running: dict[str, dict[str, float]] = {}
         self._clock = clock
         self._started: float | None = None
@@ -161,6 +166,9 @@ class ProgressCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_bar": None, "_clock": None, "_started": None,
                 "_done_at_start": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"early_stopped": set(), **state})  # pickled before it existed
 
     # -- state ---------------------------------------------------------------------------
     def now(self) -> float:
@@ -204,7 +212,10 @@ class ProgressCallback(Callback):
                 parts.append(epoch + metric)
             else:
                 parts.append("starting")
-        counts = f"{len(self.completed)} completed, {len(self.failed)} failed"
+        early = len(self.early_stopped)
+        counts = f"{len(self.completed) - early} completed, {len(self.failed)} failed"
+        if early:
+            counts += f", {early} early-stopped"
         running = f"running {len(self.running)}" + (f" [{'; '.join(parts)}]" if parts else "")
         best = "best -" if self.best is None else f"best {self.best:.4f}"
         eta = self.eta()
@@ -232,6 +243,8 @@ class ProgressCallback(Callback):
             self.failed.add(trial.trial_id)
             return
         self.completed.add(trial.trial_id)
+        if outcome is TrialState.EARLY_STOPPED:
+            self.early_stopped.add(trial.trial_id)
         reward = (trial.last_result or {}).get("reward")
         if outcome is TrialState.COMPLETED and isinstance(reward, Real) \
                 and math.isfinite(reward) and (self.best is None or reward > self.best):

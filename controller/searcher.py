@@ -2,14 +2,19 @@
 
 Ray Tune asks :meth:`suggest` for a config per trial and reports each trial's end to
 :meth:`on_trial_complete`, which asks :func:`~controller.outcome.trial_outcome` how the
-trial counts: only a ``COMPLETED`` trial's reward updates the controller (the rules are in
-:mod:`controller.outcome`).
+trial counts: a ``COMPLETED`` trial's final reward updates the controller. Under a
+multi-fidelity scheduler (ASHA) the searcher is given the scheduler's ``rungs`` and the
+controller also learns from each trial's reward at each rung it reached, through
+:meth:`on_trial_result` (the rung rule; both rules are in :mod:`controller.outcome`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import pickle
+from numbers import Real
 from typing import Any
 
 from ray.tune.search import UNDEFINED_METRIC_MODE, Searcher
@@ -18,7 +23,7 @@ from ray.tune.search.variant_generator import parse_spec_vars
 from patterns_db.states import TrialState
 
 from .controllers import Controller, Suggestion
-from .outcome import trial_outcome
+from .outcome import TUNE_RESULT_KEY, trial_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +56,32 @@ class PatternSearcher(Searcher):
 
     Under :class:`ray.tune.search.Repeater` the controller learns once per suggestion from
     Repeater's average over the repeats (a *group summary*, see :mod:`controller.outcome`).
+
+    With an ASHA scheduler, give its rungs (the rung rule of :mod:`controller.outcome`)::
+
+        scheduler = ASHAScheduler(metric="reward", mode="max", max_t=9, grace_period=1,
+                                  reduction_factor=3)
+        searcher = PatternSearcher(controller, "reward", "max", rungs=asha_rungs(1, 3, 9))
+
+    ``rungs``: the values of ``time_attr`` (epochs: the trainable reports once per epoch) at
+    which the controller also learns from a trial's intermediate reward, once per (trial,
+    rung) and against that rung's own baseline; the reward that stops a trial there counts
+    too. Empty (the default): only final rewards, as without a scheduler. A controller whose
+    ``observe`` takes no ``rung`` (:class:`~controller.controllers.RandomController`) is
+    given final rewards only.
     """
 
     def __init__(self, controller: Controller, metric: str | None = None,
-                 mode: str | None = None) -> None:
+                 mode: str | None = None, rungs: tuple[int, ...] = (),
+                 time_attr: str = TUNE_RESULT_KEY) -> None:
         super().__init__(metric=metric, mode=mode)
         self.controller = controller
         self.live: dict[str, Suggestion] = {}
         self.outcomes: dict[str, TrialState] = {}
+        self.rungs = tuple(sorted({int(rung) for rung in rungs}))
+        self.time_attr = time_attr
+        self.observed: dict[str, set[int]] = {}
+        """The rungs each live trial was observed at (never twice: retries, resumes)."""
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
                               **spec) -> bool:
@@ -79,15 +102,24 @@ class PatternSearcher(Searcher):
         self.live[trial_id] = suggestion
         return {"pattern": suggestion.pattern.to_json(), "tokens": list(suggestion.tokens)}
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """An intermediate result: observed when it is at a rung (the rung rule)."""
+        if not result.get("final"):
+            self._observe_rung(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        suggestion = self.live.pop(trial_id, None)
+        suggestion = self.live.get(trial_id)
         if suggestion is None:  # already handled before a restore
             return
         outcome = self.outcome(result, error)
+        if outcome is TrialState.EARLY_STOPPED:
+            # Tune gives a scheduler's stopping result to on_trial_complete only
+            self._observe_rung(trial_id, result)
+        self.live.pop(trial_id)
+        self.observed.pop(trial_id, None)
         self.outcomes[trial_id] = outcome
         if outcome is TrialState.COMPLETED:
-            reward = float(result[self._metric])
-            self.controller.observe(suggestion, reward if self._mode == "max" else -reward)
+            self.controller.observe(suggestion, self._reward(result))
         elif outcome is TrialState.FAILED and not error and result \
                 and self._metric not in result:
             logger.warning("PatternSearcher: trial %s ended without the metric %r (it reported "
@@ -97,6 +129,32 @@ class PatternSearcher(Searcher):
     def outcome(self, result: dict | None, error: bool) -> TrialState:
         """:func:`~controller.outcome.trial_outcome` for this searcher's metric."""
         return trial_outcome(result, error, self._metric)
+
+    def _reward(self, result: dict) -> float:
+        reward = float(result[self._metric])
+        return reward if self._mode == "max" else -reward
+
+    def _observe_rung(self, trial_id: str, result: dict | None) -> None:
+        """Observe ``result`` at its rung, once per (trial, rung); anything else is skipped:
+        no rungs, an unknown trial, a result off the rungs, without the metric or not
+        finite, a controller that cannot tell rungs apart."""
+        suggestion = self.live.get(trial_id)
+        if not self.rungs or suggestion is None or not result:
+            return
+        rung, value = result.get(self.time_attr), result.get(self._metric)
+        if rung not in self.rungs or not _finite(value) or not self._learns_from_rungs():
+            return
+        seen = self.observed.setdefault(trial_id, set())
+        if int(rung) in seen:
+            return
+        seen.add(int(rung))
+        self.controller.observe(suggestion, self._reward(result), rung=int(rung))
+
+    def _learns_from_rungs(self) -> bool:
+        try:
+            return "rung" in inspect.signature(self.controller.observe).parameters
+        except (TypeError, ValueError):
+            return False
 
     # Tune checkpoints the searcher with save/restore and pickles it inside the Tuner: keep
     # both paths on the controller's explicit state (torch generators do not pickle).
@@ -113,6 +171,8 @@ class PatternSearcher(Searcher):
         space, seed, settings = state.pop("controller_args")
         controller = controller_class(space, seed, **settings)
         controller.load_state_dict(state.pop("controller_state"))
+        # a searcher saved before rungs existed learns from final rewards only
+        state = {"rungs": (), "time_attr": TUNE_RESULT_KEY, "observed": {}, **state}
         self.__dict__.update(state)
         self.controller = controller
 
@@ -123,6 +183,10 @@ class PatternSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             self.__setstate__(pickle.load(file))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_param_space(config: dict[str, Any]) -> None:

@@ -15,6 +15,13 @@ How a search ends (:class:`~patterns_db.states.SearchState`):
   failed (so a search whose trials all failed never reports success), or the driver
   raised; :attr:`SearchResult.error` holds the first trial's error;
 * ``STOPPED``: interrupted (Ctrl-C); ``autodropout search --resume NAME`` continues it.
+
+Schedulers (``--scheduler``): ``none`` (the default) gives every trial the whole budget;
+``asha`` is Ray Tune's ``ASHAScheduler`` (one bracket, ``max_t`` = the budget's epochs,
+``--asha-grace`` epochs before a trial may be stopped, ``--asha-reduction`` between rungs):
+most patterns get a short budget, promising ones continue. The scheduler's settings (and
+its rungs) are stored with the search's controller settings, ``--resume`` keeps them, and
+the controller learns by the rung rule of :mod:`controller.outcome`.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from autodropout.errors import BadInput
-from autodropout.validation import check_int
+from autodropout.validation import check_int, check_real
 from patterns_db.states import SearchState, TrialState
 
-from .preflight import check_space, check_trial_setup, load_data, make_budget
-from .registry import CONTROLLERS
+from .outcome import asha_rungs
+from .preflight import budget_field, check_space, check_trial_setup, load_data, make_budget
+from .registry import ASHA_DEFAULTS, CONTROLLERS, SCHEDULERS
 
 EXPERIMENT_SAVE_PERIOD_S = 1.0
 FAILED_FRACTION = 0.5
@@ -70,6 +78,12 @@ class SearchOptions:
     max_failures: int = 1
     experiments_dir: str | None = None
     progress: bool = True
+    scheduler: str | None = None
+    """``none`` or ``asha``; ``None``: ``none`` for a new search, a resumed one keeps its own."""
+    asha_grace: int | None = None
+    """Epochs before ASHA may stop a trial (``None``: :data:`ASHA_DEFAULTS`)."""
+    asha_reduction: float | None = None
+    """ASHA's reduction factor, > 1 (``None``: :data:`ASHA_DEFAULTS`)."""
 
 
 @dataclass
@@ -118,13 +132,15 @@ def run_search(options: SearchOptions) -> SearchResult:
         space, dataset, model = task or resumed_task(options, store)
         seed = choose_seed(options, store)
         budget = make_budget(options, space, dataset, model)
+        stored = store.get_search(options.resume).controller_settings if options.resume else None
+        scheduler = scheduler_settings(options, space, budget, stored)
         name = resolve_name(options, store, space.name, dataset)
         data = load_data(options, dataset)
         check_trial_setup(space, budget, data, seed, options)
         controller = build_controller(options, space, store, seed)
         start_ray(options.address)
         return _search(options, space, budget, dataset, model, name, store, data, controller,
-                       seed)
+                       seed, scheduler)
     finally:
         store.close()
 
@@ -143,6 +159,65 @@ def check_options(options: SearchOptions) -> None:
     if options.warm_start and CONTROLLERS.canonical(options.controller) != "rl":
         raise BadInput(f"--warm-start: the {options.controller} controller has no policy to "
                        "warm-start; use --controller rl")
+    if options.scheduler is not None:
+        SCHEDULERS.canonical(options.scheduler)
+    if options.asha_grace is not None:
+        check_int(options.asha_grace, "--asha-grace", low=1, error=BadInput)
+    if options.asha_reduction is not None:
+        check_real(options.asha_reduction, "--asha-reduction", low=1, low_open=True,
+                   error=BadInput)
+    asha_flag = next((flag for flag, value in (("--asha-grace", options.asha_grace),
+                                                ("--asha-reduction", options.asha_reduction))
+                      if value is not None), None)
+    if asha_flag and not options.resume and (options.scheduler or "none") != "asha":
+        raise BadInput(f"{asha_flag} sets the ASHA scheduler; add --scheduler asha")
+
+
+SCHEDULER_FLAGS = (("--scheduler", "scheduler"), ("--asha-grace", "asha_grace"),
+                   ("--asha-reduction", "asha_reduction"))
+"""The scheduler's flags and their keys in the stored controller settings."""
+
+
+def scheduler_settings(options: SearchOptions, space, budget: dict[str, Any],
+                       stored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The scheduler's settings, as stored with the search: ``{"scheduler": "none"}`` or
+    ASHA's ``scheduler``, ``asha_grace``, ``asha_reduction``, ``asha_max_t`` (the budget's
+    epochs) and ``asha_rungs`` (:func:`~controller.outcome.asha_rungs`). A resumed search
+    (``stored``: its controller settings) keeps its own; a flag that says otherwise is
+    :class:`BadInput`, as is a grace period that leaves ASHA no rung before the budget ends."""
+    if stored is not None:
+        keys = ("scheduler", "asha_grace", "asha_reduction", "asha_max_t", "asha_rungs")
+        kept = {"scheduler": "none", **{key: stored[key] for key in keys if key in stored}}
+        for flag, key in SCHEDULER_FLAGS:
+            given = getattr(options, key)
+            if given is not None and given != kept.get(key):
+                was = kept.get(key, "unset")
+                raise BadInput(f"{flag}: search {options.resume!r} was started with {key} "
+                               f"{was}; a resumed search keeps its scheduler")
+        return kept
+    if SCHEDULERS.canonical(options.scheduler or "none") == "none":
+        return {"scheduler": "none"}
+    grace = options.asha_grace if options.asha_grace is not None else ASHA_DEFAULTS["asha_grace"]
+    reduction = (options.asha_reduction if options.asha_reduction is not None
+                 else ASHA_DEFAULTS["asha_reduction"])
+    epochs = budget["epochs"]
+    if grace >= epochs:
+        raise BadInput(f"--asha-grace: {grace} epochs leave ASHA no rung before the budget's "
+                       f"{epochs} epochs ({budget_field(options, space, 'epochs')}); pass a "
+                       "smaller --asha-grace or more --epochs")
+    return {"scheduler": "asha", "asha_grace": grace, "asha_reduction": float(reduction),
+            "asha_max_t": epochs, "asha_rungs": list(asha_rungs(grace, reduction, epochs))}
+
+
+def make_scheduler(settings: dict[str, Any]):
+    """The Tune scheduler of :func:`scheduler_settings`' ``settings`` (``None``: Tune's
+    default FIFO, every trial runs its whole budget)."""
+    if settings.get("scheduler", "none") == "none":
+        return None
+    return SCHEDULERS.get("asha")(
+        time_attr="training_iteration", metric="reward", mode="max",
+        max_t=settings["asha_max_t"], grace_period=settings["asha_grace"],
+        reduction_factor=settings["asha_reduction"], brackets=1)
 
 
 def new_task(options: SearchOptions):
@@ -272,14 +347,16 @@ def build_controller(options: SearchOptions, space, store, seed: int):
 
 
 def _search(options, space, budget, dataset, model, name, store, data, controller,
-            seed) -> SearchResult:
+            seed, scheduler=None) -> SearchResult:
     from .callbacks import ProgressCallback, StoreCallback
     from .searcher import PatternSearcher
 
     started = time.monotonic()
-    searcher = PatternSearcher(controller, metric="reward", mode="max")
+    scheduler = scheduler or {"scheduler": "none"}
+    searcher = PatternSearcher(controller, metric="reward", mode="max",
+                               rungs=tuple(scheduler.get("asha_rungs", ())))
     settings = {"controller": options.controller, "seed": seed, "trials": options.trials,
-                **getattr(controller, "settings", {})}
+                **scheduler, **getattr(controller, "settings", {})}
     if options.resume:  # a resumed search keeps the settings it was started with
         settings = {**settings, **store.get_search(name).controller_settings}
     store.create_search(name, space.name, space.yaml_text, dataset, model, settings,
@@ -325,6 +402,7 @@ def build_tuner(options: SearchOptions, space, budget: dict[str, Any], name: str
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrent),
             num_samples=options.trials,
+            scheduler=make_scheduler(scheduler_settings(options, space, budget)),
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(

@@ -113,6 +113,17 @@ def run_cli(*args, env=None):
     (("--train-examples", "99999"), "--train-examples: 99999 is more than the 1920 examples"),
     (("--model", "resnet50"), "--model must be one of [wrn, gpt], got 'resnet50'"),
     (("--seed", "-1"), "--seed must be"),
+    (("--scheduler", "asha"), "--asha-grace: 1 epochs leave ASHA no rung before the budget's 1 "
+                              "epochs ("),
+    (("--scheduler", "asha", "--epochs", "3", "--asha-grace", "3"),
+     "--asha-grace: 3 epochs leave ASHA no rung before the budget's 3 epochs (--epochs)"),
+    (("--scheduler", "asha", "--epochs", "3", "--asha-grace", "0"),
+     "--asha-grace must be a positive integer, got 0"),
+    (("--scheduler", "asha", "--epochs", "3", "--asha-reduction", "1"),
+     "--asha-reduction must be a finite number > 1, got 1.0"),
+    (("--asha-grace", "2", "--epochs", "3"), "--asha-grace sets the ASHA scheduler; add "
+                                             "--scheduler asha"),
+    (("--scheduler", "none", "--asha-reduction", "2"), "--asha-reduction sets the ASHA scheduler"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, change, message):
     db = tmp_path / "patterns.db"
@@ -148,3 +159,83 @@ def test_unwritable_database_is_exit_2(tmp_path):
     assert result.stderr.startswith("autodropout: error: cannot open pattern store")
     assert result.stderr.count("\n") == 1 and not (tmp_path / "experiments").exists()
     assert str(not_a_folder) in result.stderr and result.stdout == ""
+
+
+def test_scheduler_settings_are_stored_and_a_resume_keeps_them(tmp_path, monkeypatch):
+    """With the Tuner replaced (no Ray): ``--scheduler asha`` stores its settings and rungs
+    with the search, the searcher gets the rungs, the Tuner ASHA; ``--resume`` keeps them."""
+    import controller.service as service
+    from autodropout.errors import BadInput
+    from controller.service import SearchOptions, make_scheduler, scheduler_settings
+
+    built = {}
+
+    class Tuner:
+        def fit(self):
+            pass  # no trial ends: the search is stopped
+
+    def build_tuner(options, space, budget, name, data, searcher, callbacks, seed):
+        built.update(searcher=searcher, scheduler=make_scheduler(
+            scheduler_settings(options, space, budget)))
+        return Tuner()
+
+    monkeypatch.setattr(service, "start_ray", lambda address: None)
+    monkeypatch.setattr(service, "build_tuner", build_tuner)
+    db = f"sqlite:///{tmp_path / 'patterns.db'}"
+    args = ["search", "--space", "tiny", "--dataset", "synthetic", "--db", db, "--quiet",
+            "--experiments-dir", str(tmp_path / "experiments"), "--name", "multi", "--epochs", "9",
+            "--scheduler", "asha", "--asha-reduction", "3"]
+    assert main(args) == 130
+    with PatternStore(db) as store:
+        stored = store.get_search("multi").controller_settings
+    assert {key: stored[key] for key in stored if "asha" in key or key == "scheduler"} == {
+        "scheduler": "asha", "asha_grace": 1, "asha_reduction": 3.0, "asha_max_t": 9,
+        "asha_rungs": [1, 3]}
+    assert built["searcher"].rungs == (1, 3)
+    scheduler = built["scheduler"]
+    assert type(scheduler).__name__ == "AsyncHyperBandScheduler"
+    assert (scheduler._max_t, scheduler._reduction_factor) == (9, 3.0)
+    assert [milestone for milestone, _ in scheduler._brackets[0]._rungs][-1] == 1  # grace
+    space = search_spaces.load("tiny")
+    resumed = SearchOptions(resume="multi")
+    assert scheduler_settings(resumed, space, {"epochs": 9}, stored)["asha_rungs"] == [1, 3]
+    with pytest.raises(BadInput, match="--scheduler: search 'multi' was started with scheduler "
+                                       "asha; a resumed search keeps its scheduler"):
+        scheduler_settings(SearchOptions(resume="multi", scheduler="none"), space, {}, stored)
+    with pytest.raises(BadInput, match="--asha-grace: search 'multi' was started with asha_grace 1"):
+        scheduler_settings(SearchOptions(resume="multi", asha_grace=2), space, {}, stored)
+    # a search stored before schedulers existed resumes without one
+    assert scheduler_settings(resumed, space, {}, {"seed": 0}) == {"scheduler": "none"}
+    assert make_scheduler({"scheduler": "none"}) is None
+    assert scheduler_settings(SearchOptions(), space, {"epochs": 1}) == {"scheduler": "none"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_search_end_to_end(ray_session, search_args, capsys):
+    """Real trials under ASHA: stopped trials are stored early-stopped with their rung rewards
+    in their history, and the controller's updates follow the rung rule."""
+    from controller.controllers import deserialize_state
+
+    assert main(search_args("--trials", "6", "--concurrent", "2", "--name", "asha", "--epochs", "3",
+                            "--scheduler", "asha", "--asha-reduction", "2", "--seed", "0")) == 0
+    out = capsys.readouterr().out
+    assert "search asha: completed, 6 trials" in out
+    with PatternStore(search_args.db) as store:
+        trials = store.trials("asha")
+        settings = store.get_search("asha").controller_settings
+        state = deserialize_state(store.load_controller_state("asha"))
+        summary = store.search_summary("asha")
+    assert settings["scheduler"] == "asha" and settings["asha_rungs"] == [1, 2]
+    assert {t.status for t in trials} <= {"completed", "early-stopped"}
+    reached = []
+    for trial in trials:
+        epochs = [step["epoch"] for step in trial.metrics]
+        assert epochs == list(range(1, len(epochs) + 1)) and trial.reward == trial.metrics[-1]["reward"]
+        if trial.status == "early-stopped":
+            assert epochs[-1] in (1, 2)  # stopped at a rung
+        reached.append(epochs[-1])
+    completed = sum(t.status == "completed" for t in trials)
+    assert state["updates"] == sum(sum(r <= last for r in (1, 2)) for last in reached) + completed
+    assert set(state["rung_baselines"]) <= {1, 2}
+    assert summary.best_reward == max(t.reward for t in trials if t.status == "completed")

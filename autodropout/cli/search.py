@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controller.registry import CONTROLLERS
+from controller.registry import ASHA_DEFAULTS, CONTROLLERS, SCHEDULERS
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -25,6 +25,18 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="training examples (tokens for text) per trial (default: the "
                         "space's budget.train_examples)")
     search.add_argument("--controller", choices=CONTROLLERS.names(), default="rl")
+    search.add_argument("--scheduler", choices=SCHEDULERS.names(),
+                        help="trial scheduler: none (default: every trial trains the whole "
+                        "budget) or asha (most patterns get a short budget, promising ones "
+                        "continue; the controller learns from each rung's rewards against that "
+                        "rung's own baseline); --resume keeps the search's")
+    search.add_argument("--asha-grace", type=int, metavar="N",
+                        help=f"epochs every trial trains before ASHA may stop it (default: "
+                        f"{ASHA_DEFAULTS['asha_grace']}; below the budget's epochs)")
+    search.add_argument("--asha-reduction", type=float, metavar="F",
+                        help=f"ASHA's reduction factor, > 1: rungs at N, N*F, N*F^2, ... epochs, "
+                        f"about 1/F of a rung's trials go on (default: "
+                        f"{ASHA_DEFAULTS['asha_reduction']:g})")
     search.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)")
     search.add_argument("--db", help="pattern store URL (default: $AUTODROPOUT_DB or the local SQLite file)")
     search.add_argument("--name", help="search name (default: SPACE-DATASET-TIMESTAMP)")
@@ -71,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         train_examples=args.train_examples, data_dir=args.data_dir,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         experiments_dir=args.experiments_dir, progress=not args.quiet,
+        scheduler=args.scheduler, asha_grace=args.asha_grace, asha_reduction=args.asha_reduction,
     )
     try:
         result = run_search(options)
