@@ -26,8 +26,8 @@ class _State(str, Enum):
 
 class TrialState(_State):
     """A trial: ``RUNNING`` while it reports; it ends ``COMPLETED`` (its final epoch, reward
-    used by the controller), ``EARLY_STOPPED`` (a scheduler stopped it; reward for a shorter
-    budget, not used) or ``FAILED`` (an error after its retries; no reward)."""
+    used by the controller), ``EARLY_STOPPED`` (a scheduler stopped it; only its rung rewards
+    teach the controller, see :mod:`controller.outcome`) or ``FAILED`` (an error after its retries; no reward)."""
 
     RUNNING = "running"
     COMPLETED = "completed"
