@@ -69,10 +69,17 @@ class RandomController(Controller):
 
     def suggest(self) -> Suggestion:
         tokens, log_probs = [], []
-        for decision in self.space.decisions:
+        masks = self.space.choice_masks  # max_drop: uniform over the patterns within the bound
+        for step, decision in enumerate(self.space.decisions):
             count = len(decision.choices)
-            tokens.append(int(torch.randint(count, (1,), generator=self.generator)))
-            log_probs.append(-math.log(count))
+            weights = None if masks is None else masks.weights(step, tokens)
+            if weights is None:
+                tokens.append(int(torch.randint(count, (1,), generator=self.generator)))
+                log_probs.append(-math.log(count))
+            else:
+                weights = torch.tensor(weights, dtype=torch.float64)
+                tokens.append(int(torch.multinomial(weights, 1, generator=self.generator)))
+                log_probs.append(math.log(weights[tokens[-1]] / weights.sum()))
         return Suggestion(self.space.decode(tokens), tuple(tokens), tuple(log_probs))
 
 
@@ -95,6 +102,12 @@ class RLController(Controller):
 
     then gradient-norm clipping and one Adam step. H_i is the summed entropy of the
     decisions along sample i.
+
+    Multi-fidelity searches (ASHA) also observe rewards at intermediate *rungs*
+    (``observe(suggestion, reward, rung=epoch)``): each rung has its own moving-average
+    baseline (:attr:`rung_baselines`), so ``A_i = R_i - b_rung(i)`` compares a reward only
+    with rewards of the same budget; :attr:`baseline` is the full-budget one (``rung=None``),
+    the only one a search without a scheduler uses. The rule is :mod:`controller.outcome`'s.
     """
 
     def __init__(self, space: SearchSpace, seed: int = 0, **settings: Any) -> None:
@@ -114,31 +127,48 @@ class RLController(Controller):
             )
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.settings["lr"])
         self.baseline: float | None = None
+        self.rung_baselines: dict[int, float] = {}
         self.pending: list[tuple[Suggestion, float]] = []
         self.updates = 0
 
     def suggest(self) -> Suggestion:
-        tokens, log_probs = self.policy.sample(1, generator=self.generator)
+        tokens, log_probs = self.policy.sample(1, generator=self.generator,
+                                               allowed=self.space.choice_masks)
         indices = tuple(int(t) for t in tokens[0])
         return Suggestion(self.space.decode(indices), indices, tuple(log_probs[0].tolist()))
 
-    def observe(self, suggestion: Suggestion, reward: float) -> None:
-        self.pending.append((suggestion, float(reward)))
+    def observe(self, suggestion: Suggestion, reward: float, rung: int | None = None) -> None:
+        """Learn from ``reward``: the full-budget reward (``rung=None``) or the reward after
+        ``rung`` epochs, compared only with other rewards of that rung."""
+        self.pending.append((suggestion, float(reward)) if rung is None
+                            else (suggestion, float(reward), int(rung)))
         if len(self.pending) >= self.settings["update_every"]:
             self.update(self.pending)
             self.pending = []
 
-    def update(self, batch: list[tuple[Suggestion, float]]) -> dict[str, float]:
-        rewards = torch.tensor([reward for _, reward in batch])
-        tokens = torch.tensor([s.tokens for s, _ in batch], dtype=torch.long)
-        old_log_prob = torch.tensor([s.log_prob for s, _ in batch])
+    def baseline_of(self, rung: int | None = None) -> float | None:
+        """The moving-average baseline of ``rung`` (``None``: the full budget)."""
+        return self.baseline if rung is None else self.rung_baselines.get(rung)
+
+    def update(self, batch: list[tuple]) -> dict[str, float]:
+        """One policy step on ``batch``: ``(suggestion, reward)`` entries (full budget) or
+        ``(suggestion, reward, rung)``."""
+        rungs = [entry[2] if len(entry) > 2 else None for entry in batch]
+        rewards = torch.tensor([entry[1] for entry in batch])
+        tokens = torch.tensor([entry[0].tokens for entry in batch], dtype=torch.long)
+        old_log_prob = torch.tensor([entry[0].log_prob for entry in batch])
 
         decay = self.settings["baseline_decay"]
-        for reward in rewards.tolist():  # the baseline excludes nothing newer than the batch
-            self.baseline = reward if self.baseline is None else decay * self.baseline + (1 - decay) * reward
-        advantage = rewards - self.baseline
+        for reward, rung in zip(rewards.tolist(), rungs):  # the baselines exclude nothing newer than the batch
+            old = self.baseline_of(rung)
+            new = reward if old is None else decay * old + (1 - decay) * reward
+            if rung is None:
+                self.baseline = new
+            else:
+                self.rung_baselines[rung] = new
+        advantage = rewards - torch.tensor([self.baseline_of(rung) for rung in rungs])
 
-        log_probs, entropies = self.policy.score(tokens)
+        log_probs, entropies = self.policy.score(tokens, allowed=self.space.choice_masks)
         ratio, clipped = clipped_importance_weights(log_probs.sum(1), old_log_prob,
                                                     self.settings["importance_clip"])
         surrogate = torch.minimum(ratio * advantage, clipped * advantage)
@@ -159,7 +189,8 @@ class RLController(Controller):
             "policy": self.policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "baseline": self.baseline,
-            "pending": [(s.tokens, s.log_probs, r) for s, r in self.pending],
+            "rung_baselines": dict(self.rung_baselines),
+            "pending": [(entry[0].tokens, entry[0].log_probs, *entry[1:]) for entry in self.pending],
             "updates": self.updates,
         }
 
@@ -168,9 +199,11 @@ class RLController(Controller):
         self.policy.load_state_dict(state["policy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline = state["baseline"]
+        self.rung_baselines = {int(rung): value for rung, value
+                               in state.get("rung_baselines", {}).items()}  # older states: none
         self.pending = [
-            (Suggestion(self.space.decode(tokens), tuple(tokens), tuple(log_probs)), reward)
-            for tokens, log_probs, reward in state["pending"]
+            (Suggestion(self.space.decode(tokens), tuple(tokens), tuple(log_probs)), *rest)
+            for tokens, log_probs, *rest in state["pending"]
         ]
         self.updates = state["updates"]
 

@@ -9,6 +9,14 @@ layer math written out on the weights of the same ``nn.TransformerEncoderLayer``
 (so ``state_dict`` keys are unchanged). Both give the log-probabilities ``score`` gives, to
 float32 rounding; the random stream is consumed as by one ``torch.multinomial`` per step.
 
+Masks (``allowed``): a search space with ``max_drop`` forbids, at some steps, the choices
+that leave no completion within the bound. ``sample`` and ``score`` take the same
+``allowed``: either a :class:`search_spaces.bounds.ChoiceMasks` (precomputed tables, turned
+into tensors once per object) or a callable ``allowed(step, prefix) -> (B, C) bool tensor or
+None`` given the tokens (B, step) chosen so far. Disallowed logits are set to -inf before the
+softmax, so sampled log-probabilities, ``score``'s log-probabilities and its entropies are
+those of the masked distribution, and the importance ratio at the sampling policy is 1.
+
 Shapes: B batch, T decisions, L steps so far, H hidden size, N heads, D = H / N, C choices.
 """
 
@@ -85,27 +93,46 @@ class PatternPolicy(nn.Module):
     def _logits(self, hidden: Tensor, step: int) -> Tensor:
         return self.heads[step](hidden)
 
-    def score(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Log-probability of each token and the entropy of each decision, both (B, T)."""
+    def score(self, tokens: Tensor, allowed=None) -> tuple[Tensor, Tensor]:
+        """Log-probability of each token and the entropy of each decision, both (B, T),
+        under the masks ``allowed`` (see the module docstring) when given."""
         hidden = self._hidden(self._inputs(tokens[:, :-1]))
+        masks = _step_masks(allowed, tokens.device)
         log_probs, entropies = [], []
         for step in range(self.num_decisions):
-            distribution = torch.distributions.Categorical(logits=self._logits(hidden[:, step], step))
-            log_probs.append(distribution.log_prob(tokens[:, step]))
-            entropies.append(distribution.entropy())
+            logits = self._logits(hidden[:, step], step)
+            mask = None if masks is None else masks(step, tokens[:, :step])
+            if mask is None:
+                distribution = torch.distributions.Categorical(logits=logits)
+                log_probs.append(distribution.log_prob(tokens[:, step]))
+                entropies.append(distribution.entropy())
+                continue
+            # A prefix no completion of which is allowed (only a sequence ``sample`` never
+            # gives) scores -inf, with finite values and gradients everywhere else.
+            mask = mask.expand_as(logits)
+            usable = mask | ~mask.any(-1, keepdim=True)  # (B, C)
+            log_p = torch.log_softmax(logits.masked_fill(~usable, float("-inf")), -1)  # (B, C)
+            token = tokens[:, step : step + 1]
+            chosen = log_p.gather(1, token)[:, 0]
+            log_probs.append(chosen.masked_fill(~mask.gather(1, token)[:, 0], float("-inf")))
+            entropies.append(-(log_p.exp() * log_p.masked_fill(~usable, 0.0)).sum(-1))
         return torch.stack(log_probs, 1), torch.stack(entropies, 1)
 
-    def sample(self, batch: int = 1, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def sample(self, batch: int = 1, generator: torch.Generator | None = None,
+               allowed=None) -> tuple[Tensor, Tensor]:
         """Sample ``batch`` token sequences; returns tokens (B, T) and their log-probs (B, T).
 
         One step per decision, carrying the body's state (see :class:`_TransformerDecoder`,
         :class:`_LSTMDecoder`); the log-probabilities equal ``score``'s to float32 rounding.
+        With ``allowed`` (module docstring) a disallowed choice has probability 0.
         """
         with torch.inference_mode():
-            tokens, log_probs = self._sample(batch, generator)
+            tokens, log_probs = self._sample(batch, generator, allowed)
         return tokens.clone(), log_probs.clone()  # normal tensors: usable in autograd later
 
-    def _sample(self, batch: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def _sample(self, batch: int, generator: torch.Generator | None,
+                allowed=None) -> tuple[Tensor, Tensor]:
+        masks = _step_masks(allowed, self.start.device)
         decoder_type = _LSTMDecoder if self.architecture == "lstm" else _TransformerDecoder
         decoder = decoder_type(self.body, batch, self.num_decisions)
         tables = decoder.table(self._input_table()).split(self.input_rows)  # T x (C_{t-1}, W)
@@ -114,7 +141,11 @@ class PatternPolicy(nn.Module):
         choices, probabilities = [], []
         for step, (rows, (weight, bias)) in enumerate(zip(tables, heads)):
             hidden = decoder.step(F.embedding(choice, rows), step)  # (B, 1, W) in, (B, H) out
-            probs = torch.softmax(F.linear(hidden, weight, bias), -1)  # (B, C)
+            logits = F.linear(hidden, weight, bias)  # (B, C)
+            mask = None if masks is None else masks(step, choices)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(logits, -1)  # (B, C)
             choice = _multinomial(probs, generator)  # (B, 1)
             choices.append(choice)
             probabilities.append(probs)
@@ -129,6 +160,74 @@ class PatternPolicy(nn.Module):
         step t's for each token of decision t-1 (``input_rows`` rows per step, in order)."""
         rows = torch.cat([self.start[None], self.token_embedding.weight[: self.offsets[-1]]])  # (R, H)
         return rows + self.position.weight[self.row_step]  # (R, H), added as ``_inputs`` does
+
+
+class _TableMasks:
+    """A :class:`search_spaces.bounds.ChoiceMasks` as tensors: per step, None or (prefix
+    steps, their row multipliers, the (rows, C) bool table)."""
+
+    def __init__(self, choice_masks, device: torch.device) -> None:
+        self.steps = [
+            None if mask is None or not mask.restricts
+            else (mask.prefix, torch.tensor(mask.prefix, dtype=torch.long, device=device),
+                  torch.tensor(mask.multipliers, dtype=torch.long, device=device),
+                  torch.as_tensor(mask.allowed_table, dtype=torch.bool, device=device))
+            for mask in choice_masks.steps
+        ]
+
+    def __call__(self, step: int, prefix) -> Tensor | None:
+        """The (B, C) mask of ``step``; ``prefix`` is (B, step) tokens or a list of (B, 1)."""
+        entry = self.steps[step]
+        if entry is None:
+            return None
+        steps, step_index, multipliers, table = entry
+        if not steps:  # the site's first bounded decision: one row for every sequence
+            return table[0].expand(_batch(prefix), -1)
+        if isinstance(prefix, Tensor):
+            earlier = prefix.index_select(1, step_index)  # (B, k)
+        else:
+            earlier = torch.cat([prefix[p] for p in steps], 1)  # (B, k)
+        return table.index_select(0, (earlier * multipliers).sum(1))  # (B, C)
+
+
+def _batch(prefix) -> int:
+    if isinstance(prefix, Tensor):
+        return prefix.shape[0]
+    return prefix[0].shape[0] if prefix else 1
+
+
+class _CallableMasks:
+    """A user callable ``allowed(step, prefix (B, step)) -> (B, C) bool or None``."""
+
+    def __init__(self, allowed) -> None:
+        self.allowed = allowed
+
+    def __call__(self, step: int, prefix) -> Tensor | None:
+        if not isinstance(prefix, Tensor):
+            prefix = torch.cat(prefix, 1) if prefix else torch.zeros(1, 0, dtype=torch.long)
+        mask = self.allowed(step, prefix)
+        return None if mask is None else torch.as_tensor(mask, dtype=torch.bool).expand(
+            prefix.shape[0], -1)
+
+
+_table_cache: dict[tuple[int, str], tuple[object, _TableMasks]] = {}
+
+
+def _step_masks(allowed, device: torch.device):
+    """``allowed`` as a function (step, prefix) -> (B, C) bool mask or None; None for none."""
+    if allowed is None:
+        return None
+    if hasattr(allowed, "steps"):  # precomputed tables: converted once per object and device
+        key = (id(allowed), str(device))
+        cached = _table_cache.get(key)
+        if cached is None or cached[0] is not allowed:
+            if len(_table_cache) >= 16:
+                _table_cache.clear()
+            cached = _table_cache[key] = (allowed, _TableMasks(allowed, device))
+        return cached[1]
+    if callable(allowed):
+        return _CallableMasks(allowed)
+    raise TypeError(f"allowed must be None, a ChoiceMasks or a callable, got {allowed!r}")
 
 
 def _multinomial(probs: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -9,14 +9,16 @@ import yaml
 
 from autodropout.errors import BadInput
 from autodropout.patterns.fields import SITE_FIELDS, PatternError, check_kind
+from autodropout.validation import check_int, check_real
 
 from .settings import BUDGET_SETTINGS, CONTROLLER_SETTINGS, Setting
 from .space import SearchSpace, SiteSpec
 
 SPACES_DIR = Path(__file__).resolve().parent
 
-TOP_LEVEL_KEYS = ("name", "kind", "description", "sites", "decisions", "budget", "controller")
-SITE_KEYS = ("name", "modules", "decisions")
+TOP_LEVEL_KEYS = ("name", "kind", "description", "sites", "decisions", "budget", "controller",
+                  "max_drop", "map_size")
+SITE_KEYS = ("name", "modules", "decisions", "map_size")
 
 class SpaceError(BadInput):
     """A malformed search-space file; the message is ``file:line: key: problem``."""
@@ -144,7 +146,15 @@ class _Parser:
         key_node, value_node = top["decisions"]
         defaults = self.decisions(value_node, "decisions", kind, complete_at=key_node)
         sites = self.sites(top["sites"][1], kind, defaults)
-        return SearchSpace(
+        max_drop = None
+        if "max_drop" in top:
+            node = top["max_drop"][1]
+            try:
+                max_drop = check_real(self.value(node), "", low=0, high=1, low_open=True)
+            except ValueError as error:
+                raise self.fail(node, "max_drop", str(error).lstrip()) from None
+        map_size = self.map_size(top["map_size"][1], "map_size") if "map_size" in top else None
+        space = SearchSpace(
             name=name,
             kind=kind,
             sites=sites,
@@ -153,7 +163,26 @@ class _Parser:
             description=self.string(top["description"][1], "description") if "description" in top else "",
             source=self.source,
             yaml_text=text,
+            max_drop=max_drop,
+            map_size=map_size,
         )
+        if max_drop is not None:
+            try:
+                space.choice_masks  # noqa: B018 -- computed (and cached) now: a bad bound fails the load
+            except ValueError as error:
+                raise self.fail(top["max_drop"][1], "max_drop", str(error)) from None
+        return space
+
+    def map_size(self, node: yaml.Node, key: str) -> tuple[int, int]:
+        """``28`` or ``[28, 28]``: the (height, width) or (tokens, features) of a site's plane."""
+        value = self.value(node)
+        values = value if isinstance(value, list) else [value, value]
+        try:
+            if len(values) != 2:
+                raise ValueError
+            return tuple(check_int(v, "", low=1) for v in values)
+        except ValueError:
+            raise self.fail(node, key, f"must be a positive integer or a list of two, got {value!r}") from None
 
     def string(self, node: yaml.Node, key: str) -> str:
         value = self.value(node)
@@ -165,13 +194,16 @@ class _Parser:
         """Choices per field; with ``complete_at`` (the key node), every field is required."""
         names = tuple(f.name for f in SITE_FIELDS[kind])
         entries = self.mapping(node, key, names)
-        missing = [name for name in names if name not in entries]
+        optional = {f.name for f in SITE_FIELDS[kind] if f.default is not None}
+        missing = [name for name in names if name not in entries and name not in optional]
         if complete_at is not None and missing:
             raise self.fail(complete_at, f"{key}.{missing[0]}", "missing (every decision needs choices)")
         fields = {f.name: f for f in SITE_FIELDS[kind]}
+        choices = {name: (fields[name].default,) for name in optional} if complete_at is not None else {}
         return {
-            name: self.choices(value_node, f"{key}.{name}", fields[name])
-            for name, (_, value_node) in entries.items()
+            **choices,
+            **{name: self.choices(value_node, f"{key}.{name}", fields[name])
+               for name, (_, value_node) in entries.items()},
         }
 
     def choices(self, node: yaml.Node, key: str, field) -> tuple:
@@ -209,7 +241,11 @@ class _Parser:
             )
             name = self.string(entries["name"][1], f"{key}.name") if "name" in entries else f"site{index}"
             modules = self.string(entries["modules"][1], f"{key}.modules") if "modules" in entries else None
-            specs.append(SiteSpec(name, {**defaults, **overrides}, modules))
+            map_size = (self.map_size(entries["map_size"][1], f"{key}.map_size")
+                        if "map_size" in entries else None)
+            merged = {**defaults, **overrides}
+            specs.append(SiteSpec(name, {f.name: merged[f.name] for f in SITE_FIELDS[kind]},
+                                  modules, map_size))
         names = [spec.name for spec in specs]
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate is not None:

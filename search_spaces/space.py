@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autodropout.patterns import Pattern
-from autodropout.patterns.fields import SITE_FIELDS, PatternError
+from autodropout.patterns.fields import SITE_FIELDS, PatternError, site_value
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,13 @@ class Decision:
 @dataclass(frozen=True)
 class SiteSpec:
     """One site of a space: its display name, the child-model modules it goes to, and the
-    choices of every field (a single choice is a constant, not a controller decision)."""
+    choices of every field (a single choice is a constant, not a controller decision), and
+    the plane ``map_size`` its ``max_drop`` bound is computed on (None: the space's)."""
 
     name: str
     choices: Mapping[str, tuple[Any, ...]]
     modules: str | None = None
+    map_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class SearchSpace:
     ``decisions`` lists, site by site in field order, every field with more than one
     choice: that is the token sequence a controller samples. ``decode`` turns one index per
     decision into a :class:`~autodropout.Pattern`; ``encode`` is its inverse.
+
+    ``max_drop`` (None: unbounded) is the largest expected fraction of a site's activations
+    a pattern of the space may drop, on the site's ``map_size`` (else the space's
+    ``map_size``, else a default: :mod:`search_spaces.bounds`); :attr:`choice_masks` holds
+    the per-decision masks that keep sampling within it.
     """
 
     name: str
@@ -51,6 +58,22 @@ class SearchSpace:
     description: str = ""
     source: str = ""
     yaml_text: str = ""
+    max_drop: float | None = None
+    map_size: tuple[int, int] | None = None
+
+    @property
+    def choice_masks(self):
+        """:class:`search_spaces.bounds.ChoiceMasks` for ``max_drop`` (None without one),
+        computed once per process and kept out of the (pickled) space."""
+        from .bounds import choice_masks
+
+        return choice_masks(self)
+
+    def within_bound(self, pattern: Pattern) -> bool:
+        """Whether every site of ``pattern`` drops at most ``max_drop`` (True without one)."""
+        from .bounds import within
+
+        return within(self, pattern)
 
     @property
     def decisions(self) -> tuple[Decision, ...]:
@@ -69,6 +92,18 @@ class SearchSpace:
     def log10_size(self) -> float:
         """log10 of the number of distinct patterns in the space."""
         return sum(math.log10(len(d.choices)) for d in self.decisions)
+
+    @property
+    def bounded_log10_size(self) -> float:
+        """log10 of the number of patterns within ``max_drop`` (``log10_size`` without one)."""
+        if self.max_drop is None:
+            return self.log10_size
+        from .bounds import BOUND_FIELDS, TOLERANCE, site_table
+
+        free = sum(math.log10(len(d.choices)) for d in self.decisions
+                   if d.name not in BOUND_FIELDS[self.kind])
+        return free + sum(math.log10(int((site_table(self, i) <= self.max_drop + TOLERANCE).sum()))
+                          for i in range(self.num_sites))
 
     @property
     def site_modules(self) -> tuple[str | None, ...]:
@@ -95,9 +130,9 @@ class SearchSpace:
             )
         for index, site in enumerate(self.sites):
             for name, choices in site.choices.items():
-                if pattern.sites[index][name] not in choices:
+                if site_value(pattern.sites[index], name) not in choices:
                     raise PatternError(
-                        f"sites[{index}].{name}: {pattern.sites[index][name]!r} is not a choice "
+                        f"sites[{index}].{name}: {site_value(pattern.sites[index], name)!r} is not a choice "
                         f"of space {self.name!r}"
                     )
-        return [d.choices.index(pattern.sites[d.site][d.name]) for d in self.decisions]
+        return [d.choices.index(site_value(pattern.sites[d.site], d.name)) for d in self.decisions]

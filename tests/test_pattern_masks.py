@@ -310,3 +310,38 @@ def test_bf16_autocast():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert (y == 0).any() and net[0].weight.grad is not None
+
+
+# p_tile / p_apply ---------------------------------------------------------------------------
+
+
+def test_p_tile_drops_whole_tiles_independently():
+    layer = conv(size_h=4, size_w=4, stride=4, p_tile=0.5)
+    keep = layer.keep_mask(torch.ones(64, 4, 16, 16))  # 4x4 cells, phase random per map
+    assert keep.shape == (64, 4, 16, 16)
+    dropped = (~keep).double()
+    # a cell is all dropped or all kept: a pixel and the pixel 4 rows/columns away are in
+    # different cells, neighbours inside a cell mostly share it
+    fraction = dropped.mean().item()
+    assert abs(fraction - 0.5) <= Z * math.sqrt(0.25 / (64 * 4 * 16))
+    assert "p_tile=0.5" in repr(layer) and "p_apply" not in repr(layer)
+    far = (dropped[..., 4:, :] * dropped[..., :-4, :]).mean().item()
+    assert abs(far - 0.25) < 0.03  # independent cells
+
+
+def test_p_apply_keeps_whole_maps_and_the_scale_keeps_the_total():
+    layer = conv(p_apply=0.25).train()  # drops 3/8 * 5/8 of an applied map
+    keep = layer.keep_mask(torch.ones(256, 8, 16, 16))
+    untouched = keep.all(-1).all(-1).double().mean().item()
+    assert abs(untouched - 0.75) <= Z * math.sqrt(0.75 * 0.25 / (256 * 8))
+    y = layer(torch.ones(32, 8, 16, 16))
+    assert y.sum().item() == pytest.approx(32 * 8 * 16 * 16, rel=1e-5)
+
+
+def test_default_p_fields_leave_the_site_as_before():
+    assert "p_apply" not in PatternDropout({**CONV, "p_apply": 1.0, "p_tile": 1.0}).site
+    torch.manual_seed(0)
+    a = conv().keep_mask(torch.ones(4, 3, 16, 16))
+    torch.manual_seed(0)
+    b = PatternDropout({**CONV, "p_apply": 1.0, "p_tile": 1.0}).keep_mask(torch.ones(4, 3, 16, 16))
+    assert torch.equal(a, b)

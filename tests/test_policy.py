@@ -23,8 +23,9 @@ CONFIGS = [  # (architecture, layers, heads, hidden size)
 
 
 @torch.no_grad()
-def reference_sample(policy, batch, generator):
-    """The sampler before the K/V cache: re-runs the body over the whole prefix each step."""
+def reference_sample(policy, batch, generator, allowed=None):
+    """The sampler before the K/V cache: re-runs the body over the whole prefix each step
+    (``allowed(step, prefix) -> (B, C) bool``: the masked distribution, for the mask tests)."""
     tokens = torch.zeros(batch, 0, dtype=torch.long)
     log_probs, state = [], None
     for step in range(len(policy.choice_counts)):
@@ -38,6 +39,8 @@ def reference_sample(policy, batch, generator):
             mask = nn.Transformer.generate_square_subsequent_mask(inputs.shape[1])
             hidden = policy.body(inputs, mask=mask, is_causal=True)[:, -1]
         logits = policy.heads[step](hidden)
+        if allowed is not None and allowed(step, tokens) is not None:
+            logits = logits.masked_fill(~allowed(step, tokens), float("-inf"))
         choice = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         log_probs.append(torch.log_softmax(logits, -1).gather(1, choice))
         tokens = torch.cat([tokens, choice], dim=1)
@@ -153,3 +156,93 @@ def test_state_dict_is_unchanged(architecture):
     old_tokens, old_log_probs = reference_sample(fresh, 4, torch.Generator().manual_seed(0))
     torch.testing.assert_close(tokens, old_tokens, rtol=0, atol=0)
     torch.testing.assert_close(log_probs, old_log_probs, **TOLERANCE)
+
+
+# masks (max_drop) ----------------------------------------------------------------------------
+
+CONVNET = search_spaces.load("convnet")
+
+
+def parity_mask(step, prefix):
+    """A prefix-dependent mask for the tests: choice c allowed iff c == 0 or c + sum(prefix)
+    is even (never empty)."""
+    count = CONVNET_COUNTS[step]
+    choices = torch.arange(count)
+    total = prefix.sum(1, keepdim=True) if prefix.shape[1] else torch.zeros(prefix.shape[0], 1,
+                                                                             dtype=torch.long)
+    return (choices == 0) | ((choices + total) % 2 == 0)
+
+
+def favour_dropping(policy, space):
+    """Biases the heads towards the choices that drop the most (large tiles, stride 1, fill,
+    p_* = 1), so that an unmasked policy mostly leaves the bound."""
+    favourite = {"size_h": -1, "size_w": -1, "stride": 0, "repeat": -1, "p_apply": 0, "p_tile": 0}
+    with torch.no_grad():
+        for head, decision in zip(policy.heads, space.decisions):
+            if decision.name in favourite:
+                head.bias.zero_()
+                head.bias[favourite[decision.name]] = 6.0
+
+
+def convnet_mask(step, prefix):
+    """The shipped space's masks, looked up through the pure-Python ``ChoiceMasks.allowed``."""
+    rows = [CONVNET.choice_masks.allowed(step, row.tolist()) for row in prefix]
+    return None if rows[0] is None else torch.tensor(rows)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("masks", ["parity", "convnet"])
+def test_masked_sample_matches_masked_score_and_the_masked_reference(config, masks):
+    allowed, reference = {"parity": (parity_mask, parity_mask),
+                          "convnet": (CONVNET.choice_masks, convnet_mask)}[masks]
+    for seed in range(2):
+        policy = make_policy(*config, seed=seed)
+        if masks == "convnet":
+            favour_dropping(policy, CONVNET)
+        tokens, log_probs = policy.sample(6, generator=torch.Generator().manual_seed(seed),
+                                          allowed=allowed)
+        old_tokens, old_log_probs = reference_sample(policy, 6, torch.Generator().manual_seed(seed),
+                                                     reference)
+        torch.testing.assert_close(tokens, old_tokens, rtol=0, atol=0)
+        torch.testing.assert_close(log_probs, old_log_probs, **TOLERANCE)
+        scored, entropy = policy.score(tokens, allowed=allowed)
+        torch.testing.assert_close(log_probs, scored.detach(), **TOLERANCE)  # ratio exactly 1
+        assert torch.isfinite(entropy).all()
+        for step in range(tokens.shape[1]):
+            mask = reference(step, tokens[:, :step])
+            if mask is not None:
+                assert mask.expand(6, -1).gather(1, tokens[:, step : step + 1]).all()
+        if masks == "convnet":
+            assert all(CONVNET.within_bound(CONVNET.decode(row.tolist())) for row in tokens)
+            unmasked = policy.sample(6, generator=torch.Generator().manual_seed(seed))[0]
+            assert not all(CONVNET.within_bound(CONVNET.decode(row.tolist())) for row in unmasked)
+
+
+def test_masked_score_is_the_masked_distribution_and_its_gradient():
+    policy = make_policy("transformer", 1, 4, 16, seed=0)
+    tokens, _ = policy.sample(4, generator=torch.Generator().manual_seed(0), allowed=parity_mask)
+    scored, entropy = policy.score(tokens, allowed=parity_mask)
+    hidden = policy._hidden(policy._inputs(tokens[:, :-1]))
+    for step in (0, 5, len(CONVNET_COUNTS) - 1):
+        logits = policy.heads[step](hidden[:, step])
+        mask = parity_mask(step, tokens[:, :step]).expand_as(logits)
+        probs = torch.softmax(logits, -1) * mask
+        probs = probs / probs.sum(-1, keepdim=True)  # the renormalised (conditional) head
+        expected = probs.gather(1, tokens[:, step : step + 1])[:, 0].log()
+        torch.testing.assert_close(scored[:, step], expected, **TOLERANCE)
+        plogp = torch.where(mask, probs * probs.clamp(min=1e-30).log(), 0.0)
+        torch.testing.assert_close(entropy[:, step], -plogp.sum(-1), **TOLERANCE)
+    (scored.sum() + entropy.sum()).backward()
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_no_mask_is_the_unmasked_policy():
+    policy = make_policy("lstm", 1, 4, 16, seed=0)
+    plain = policy.sample(3, generator=torch.Generator().manual_seed(5))
+    none = policy.sample(3, generator=torch.Generator().manual_seed(5), allowed=None)
+    always = policy.sample(3, generator=torch.Generator().manual_seed(5),
+                           allowed=lambda step, prefix: None)
+    for other in (none, always):
+        torch.testing.assert_close(plain[0], other[0], rtol=0, atol=0)
+        torch.testing.assert_close(plain[1], other[1], rtol=0, atol=0)

@@ -13,7 +13,13 @@ import search_spaces
 from autodropout.patterns import PatternDropout, apply_pattern
 from workers.datasets import load_dataset, validation_split
 from workers.models import GPTLanguageModel, build_model
-from workers.training import Budget, reward_from_perplexity, site_selectors, train_child
+from workers.training import (
+    Budget,
+    evaluate_child,
+    reward_from_perplexity,
+    site_selectors,
+    train_child,
+)
 
 REQUIRED = {"epoch", "train_loss", "val_accuracy", "reward", "final", "diverged", "reason"}
 BUDGET = {"model": "tiny", "dataset": "synthetic", "epochs": 2, "train_examples": 256,
@@ -118,7 +124,7 @@ def test_the_pattern_changes_training(holdout, pattern):
 def test_same_seed_same_run_other_seed_other_run(holdout, pattern):
     def trace(seed):
         _, reports, _ = run(holdout, pattern, seed=seed, epochs=1)
-        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in reports]
+        return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in reports]
 
     assert trace(0) == trace(0)
     assert trace(0) != trace(1)
@@ -225,3 +231,48 @@ def test_augmented_training_differs_and_recalibration_runs_before_the_last_valid
     assert plain["train_loss"] != augmented["train_loss"]
     assert plain["train_loss"] == recalibrated["train_loss"]  # the same training, then new
     assert plain["val_loss"] != recalibrated["val_loss"]      # BatchNorm statistics
+
+
+def test_epochs_report_how_their_time_splits_and_evaluate_child_agrees(holdout, pattern):
+    model, reports, last = run(holdout, pattern)
+    for r in reports:
+        assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+        assert r["epoch_seconds"] == pytest.approx(r["train_seconds"] + r["eval_seconds"])
+    # the model comes back in its own (contiguous) memory format, and validating it again
+    # gives what the last epoch reported
+    assert all(p.is_contiguous() for p in model.parameters())
+    again = evaluate_child(model, holdout, BUDGET)
+    assert again["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert again["val_accuracy"] == last["val_accuracy"]
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+@pytest.mark.parametrize("budget_changes", [{}, {"augment": "crop-flip"}])
+def test_training_steps_never_read_a_tensor_on_the_host(holdout, pattern, monkeypatch,
+                                                        budget_changes):
+    """A CPU stand-in for CUDA's sync check: an epoch of steps (pattern on) reads no tensor
+    value on the host (a read is a device synchronisation on a GPU); the mean loss comes
+    back as a tensor, read once by the caller."""
+    from workers import training
+
+    budget = Budget.from_mapping({**BUDGET, **budget_changes})
+    model = tiny_convnet()
+    task = training._task_for(holdout, budget, torch.device("cpu"))
+    optimizer = task.optimizer(model)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, task.steps_per_epoch)
+    handle = apply_pattern(model, pattern)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host during the training steps")
+
+    with task.layout(model), monkeypatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse)
+        mean_loss = training._train_epoch(model, task, optimizer, scheduler,
+                                          torch.Generator().manual_seed(0))
+        sums = task.validation_sums(model)
+    handle.remove()
+    assert isinstance(mean_loss, torch.Tensor) and math.isfinite(float(mean_loss))
+    assert sums.shape == (2,)

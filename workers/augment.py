@@ -37,8 +37,8 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
     padded = torch.nn.functional.pad(images, (padding,) * 4)            # (N, C, H+2p, W+2p)
     top = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator)    # (N, 1, 1)
     left = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator)   # (N, 1, 1)
-    rows = (top + torch.arange(h).view(1, h, 1)).to(images.device)     # (N, H, 1)
-    cols = (left + torch.arange(w).view(1, 1, w)).to(images.device)    # (N, 1, W)
+    rows = (top + torch.arange(h).view(1, h, 1)).to(images.device, non_blocking=True)  # (N, H, 1)
+    cols = (left + torch.arange(w).view(1, 1, w)).to(images.device, non_blocking=True)  # (N, 1, W)
     batch = torch.arange(n, device=images.device).view(n, 1, 1)         # (N, 1, 1)
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (N, C, H, W)
 
@@ -46,5 +46,5 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
 def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     """Each image mirrored left-right with probability 1/2."""
     flip = torch.rand(images.shape[0], generator=generator) < 0.5       # (N,)
-    flip = flip.to(images.device).view(-1, 1, 1, 1)                     # (N, 1, 1, 1)
+    flip = flip.to(images.device, non_blocking=True).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
     return torch.where(flip, images.flip(-1), images)                   # (N, C, H, W)

@@ -42,6 +42,9 @@ def show_space(args: argparse.Namespace) -> int:
     print(f"file: {space.source}")
     print(f"sites: {space.num_sites}, decisions: {len(space.decisions)}, "
           f"size: 10^{space.log10_size:.2f} patterns")
+    if space.max_drop is not None:
+        print(f"max_drop: {space.max_drop:g} (expected fraction dropped per site), "
+              f"10^{space.bounded_log10_size:.2f} patterns within it")
     for index, site in enumerate(space.sites):
         where = f" -> {site.modules}" if site.modules else ""
         print(f"\nsite {index} {site.name}{where}")

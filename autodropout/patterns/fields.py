@@ -41,6 +41,11 @@ class Field:
     high: float | None = None
     choices: tuple[str, ...] = ()
     doc: str = ""
+    default: Any = None
+    low_open: bool = False
+    """``default`` not None: the field may be left out, and a site holding the default
+    leaves it out of its canonical form (so patterns written before the field existed keep
+    their JSON and hash)."""
 
     def check(self, value: Any, where: str) -> Any:
         """Return ``value`` in canonical form or raise :class:`PatternError` naming ``where``.
@@ -55,7 +60,8 @@ class Field:
         return check_int(value, f"{where}:", low=self.low, high=self.high, error=PatternError)
 
     def _check_number(self, value: Any, where: str) -> float:
-        return check_real(value, f"{where}:", low=self.low, high=self.high, error=PatternError)
+        return check_real(value, f"{where}:", low=self.low, high=self.high,
+                          low_open=self.low_open, error=PatternError)
 
     def _check_bool(self, value: Any, where: str) -> bool:
         return check_bool(value, f"{where}:", error=PatternError)
@@ -98,6 +104,13 @@ CONV_FIELDS: tuple[Field, ...] = (
     Field("shear_y", "number", low=-1, high=1, doc="vertical shear factor about the centre"),
     Field("share_c", "bool", doc="one mask for all channels (true) or one per channel"),
     Field("residual", "bool", doc="also apply the mask to the residual (shortcut) branch"),
+    Field("p_apply", "number", low=0, high=1, low_open=True, default=1.0,
+          doc="probability, per example and per channel (per example if share_c), that the "
+              "site's pattern is applied at all"),
+    Field("p_tile", "number", low=0, high=1, low_open=True, default=1.0,
+          doc="probability that each cell of the tiling (the pixels whose last tile start is "
+              "the same on both axes: the tile itself when size <= stride) is dropped, "
+              "independently per cell and instance"),
 )
 
 SEQUENCE_FIELDS: tuple[Field, ...] = (
@@ -110,6 +123,12 @@ SEQUENCE_FIELDS: tuple[Field, ...] = (
 )
 
 SITE_FIELDS: dict[str, tuple[Field, ...]] = {CONV: CONV_FIELDS, SEQUENCE: SEQUENCE_FIELDS}
+
+DEFAULTS: dict[str, Any] = {field.name: field.default for fields in SITE_FIELDS.values()
+                            for field in fields if field.default is not None}
+"""Fields that may be left out, and the value a site then holds."""
+
+_NO_DEFAULT = object()
 
 
 def check_kind(kind: Any, where: str = "kind") -> str:
@@ -127,7 +146,15 @@ def check_site(kind: str, raw: Any, where: str) -> dict[str, Any]:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise PatternError(f"{where}.{unknown[0]}: unknown field for a {kind} site")
-    missing = [field.name for field in fields if field.name not in raw]
+    missing = [field.name for field in fields if field.name not in raw and field.default is None]
     if missing:
         raise PatternError(f"{where}.{missing[0]}: missing")
-    return {field.name: field.check(raw[field.name], f"{where}.") for field in fields}
+    checked = {field.name: field.check(raw[field.name], f"{where}.")
+               for field in fields if field.name in raw}
+    return {name: value for name, value in checked.items()
+            if DEFAULTS.get(name, _NO_DEFAULT) != value}
+
+
+def site_value(site: Any, name: str) -> Any:
+    """A field of a canonical site mapping, the field's default where the site leaves it out."""
+    return site[name] if name in site else DEFAULTS[name]

@@ -26,6 +26,15 @@ Speed: the number of distinct masks is only the number of offset combinations, s
 ``combinations x plane size`` is small (:data:`TABLE_LIMIT`) every mask is built once per
 plane and device (:func:`keep_table`) and a draw is one row gather; the kept count then
 comes from the table's per-row counts, so the scaled mask is made without summing it.
+
+Conv sites may thin the tiling (:data:`~autodropout.patterns.fields.CONV_FIELDS`):
+``p_tile < 1`` keeps each *cell* of the tiling with probability ``1 - p_tile``, independently
+per cell and instance, where a pixel's cell is its pair of last tile indices (the ``tile`` of
+:func:`tiled` on each axis, in source coordinates after rotation/shear), so a cell is a
+tile when ``size <= stride``; ``p_apply < 1`` then keeps the whole plane of an instance with
+probability ``1 - p_apply``. Both independent of the offsets, so the expected dropped fraction
+is ``p_apply * p_tile`` times the tiling's (see ``search_spaces.bounds``). Such masks are
+drawn directly, never from the table.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .fields import FILL
+from .fields import FILL, site_value
 
 TABLE_LIMIT = 1 << 20
 """Largest ``combinations x plane size`` precomputed as a table of masks (1 MiB as bool)."""
@@ -123,6 +132,40 @@ class Tiling:
 
     def _axis(self, coords: Tensor, offsets: Tensor, axis: int) -> Tensor:
         return tiled(coords, offsets[..., None], self.sizes[axis], self.stride, self.repeat)
+
+    def dropped_cells(self, offsets: list[Tensor], p_tile: float) -> Tensor:
+        """:meth:`dropped` of a 2-D plane with each cell kept with probability ``1 - p_tile``
+        (independently per cell and instance); shape ``(*offsets[0].shape, *extents)``."""
+        height, width = self.extents
+        device = offsets[0].device
+        if any(self.affine):
+            grid = source_grid(height, width, *self.affine, device)
+            coords, index = (grid.row_coords, grid.col_coords), (grid.row_index, grid.col_index)
+        else:
+            coords = (torch.arange(height, device=device), torch.arange(width, device=device))
+            pixels = torch.arange(height * width, device=device)
+            index = (pixels.div(width, rounding_mode="floor"), pixels % width)
+        covered, cells, counts = [], [], []
+        for axis in (0, 1):
+            distance = coords[axis] - offsets[axis][..., None]
+            tile = torch.div(distance, self.stride, rounding_mode="floor")
+            if self.repeat == FILL:
+                inside = distance - tile * self.stride < self.sizes[axis]
+                low = (int(coords[axis].min()) - self.offset_ranges[axis] + 1) // self.stride
+                high = int(coords[axis].max()) // self.stride
+            else:
+                tile = tile.clamp(max=self.repeat - 1)
+                inside = (distance - tile * self.stride < self.sizes[axis]) & (tile >= 0)
+                tile = tile.clamp(min=0)
+                low, high = 0, self.repeat - 1
+            covered.append(inside.index_select(-1, index[axis]))
+            cells.append((tile - low).index_select(-1, index[axis]))
+            counts.append(high - low + 1)
+        shape = offsets[0].shape
+        dropped_cells = torch.rand(*shape, counts[0] * counts[1], device=device) < p_tile
+        cell = cells[0] * counts[1] + cells[1]  # (*instances, H*W)
+        dropped = covered[0] & covered[1] & dropped_cells.gather(-1, cell)
+        return dropped.view(*shape, height, width)
 
 
 @dataclass(frozen=True)
@@ -253,7 +296,20 @@ def conv_keep_mask(
         repeat=site["repeat"],
         affine=(site["rotate"], site["shear_x"], site["shear_y"]),
     )
-    return sample_keep(tiling, (n, 1 if site["share_c"] else channels), device, dtype)
+    instances = (n, 1 if site["share_c"] else channels)
+    p_apply, p_tile = site_value(site, "p_apply"), site_value(site, "p_tile")
+    if p_apply == 1 and p_tile == 1:
+        return sample_keep(tiling, instances, device, dtype)
+    if p_tile < 1:
+        offsets = [torch.randint(r, instances, device=device) for r in tiling.offset_ranges]
+        keep = ~tiling.dropped_cells(offsets, p_tile)
+    else:
+        keep = sample_keep(tiling, instances, device)
+    if p_apply < 1:
+        keep = keep | (torch.rand(instances, device=device) >= p_apply)[..., None, None]
+    if dtype is None:
+        return keep
+    return torch.where(keep, (keep.numel() / keep.sum().clamp(min=1)).to(dtype), 0)
 
 
 def sequence_keep_mask(

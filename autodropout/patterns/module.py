@@ -36,7 +36,11 @@ class PatternDropout(DropoutLayer):
     per channel (offset ranges: :mod:`autodropout.patterns.masks`). The dropped set is then
     rotated by ``rotate`` degrees (counter-clockwise as displayed) and sheared by
     ``(shear_x, shear_y)`` about the map centre, sampling the inverse map at each pixel
-    centre with nearest-neighbour rounding. ``residual`` is carried for the code that wires
+    centre with nearest-neighbour rounding. ``p_tile < 1`` drops each cell of the tiling (a
+    tile, when ``size <= stride``) only with that probability, independently; ``p_apply < 1``
+    applies the whole mask of an example (and channel, unless ``share_c``) only with that
+    probability (:mod:`autodropout.patterns.masks`). With both 1 (the defaults, left out of
+    the pattern's JSON) the layer is as before. ``residual`` is carried for the code that wires
     the pattern into a network; this layer only masks its input.
 
     ``kind="sequence"``: spans of ``size`` positions, ``stride`` apart, ``repeat`` per axis.
@@ -118,6 +122,7 @@ class PatternDropout(DropoutLayer):
             if site["shear_x"] or site["shear_y"]:
                 parts.append(f"shear=({site['shear_x']:g}, {site['shear_y']:g})")
             parts += [f"share_c={site['share_c']}", f"residual={site['residual']}"]
+            parts += [f"{name}={site[name]:g}" for name in ("p_apply", "p_tile") if name in site]
             return ", ".join(parts)
         parts = [
             f"size={site['size']}",
