@@ -118,9 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--signal-proxy", default="n1k-e40", help="proxy for --task signal")
     parser.add_argument("--patterns", type=int, default=20, help="random patterns for signal")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite report.md from the runs so far, train nothing")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report = render_report(load_runs(out / "runs.jsonl"))
+        (out / "report.md").write_text(report, encoding="utf-8")
+        print(report)
+        return 0
     jobs = plan(args)
     started = time.perf_counter()
     done = run_jobs(jobs, out / "runs.jsonl", args.workers)
@@ -312,7 +319,8 @@ def image_row(proxy: str, runs: list[dict[str, Any]]) -> str:
             continue
         best = max(gaps, key=lambda ref: statistics.fmean(gaps[ref]))
         mean, low, high = t_interval([100 * g for g in gaps[best]])
-        cells += [best, f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"]
+        shown = f"{mean:+.2f} (1 seed)" if math.isnan(low) else f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+        cells += [best, shown]
         bound = low if math.isnan(bound) else bound
     minutes = statistics.fmean(r["cpu_seconds"] for r in runs) / 60
     loss = [r["train_loss"] for r in runs if r["regularizer"] == "none"]
@@ -352,7 +360,8 @@ def text_section(runs: list[dict[str, Any]]) -> str:
             gap = "-"
             if ref in gaps:
                 mean, low, high = t_interval(gaps[ref])
-                gap = f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+                gap = f"{mean:+.1f} (1 seed)" if math.isnan(low) else \
+                    f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
             lines.append(
                 f"| {proxy} | {ref} | {len(group)} | "
                 f"{statistics.fmean(r['train_fit']['val_perplexity'] for r in group):.1f} | "

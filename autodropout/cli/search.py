@@ -73,7 +73,7 @@ def parse_settings(pairs: list[str]) -> dict[str, float | int | str]:
 
 def run(args: argparse.Namespace) -> int:
     from controller.service import SearchInterrupted, SearchOptions, run_search
-    from patterns_db.states import SearchState
+    from patterns_db.states import SearchState, TrialState
 
     options = SearchOptions(
         space=args.space, dataset=args.dataset, model=args.model, trials=args.trials,
@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
         print_resume_hint(args, stopped.name)
         return 130
     counts = result.trial_counts
-    finished = sum(count for state, count in counts.items() if state != "running")
-    tally = f"{counts.get('completed', 0)} completed, {result.failed_trials} failed"
-    if counts.get("early-stopped"):
-        tally += f", {counts['early-stopped']} early-stopped"
+    finished = sum(count for state, count in counts.items() if state != TrialState.RUNNING)
+    tally = f"{counts.get(TrialState.COMPLETED, 0)} completed, {result.failed_trials} failed"
+    if counts.get(TrialState.EARLY_STOPPED):
+        tally += f", {counts[TrialState.EARLY_STOPPED]} early-stopped"
     print(f"search {result.name}: {result.status}, {result.trials} trials ({tally}) "
           f"in {result.elapsed:.0f} s, seed {result.seed}")
     for rank, hit in enumerate(result.best, 1):
