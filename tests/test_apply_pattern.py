@@ -288,9 +288,10 @@ class Capture:
 
 
 class InputCapture:
-    def __init__(self, module):
+    def __init__(self, module, prepend=False):
         self.inputs = []
-        module.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0].clone()))
+        module.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0].clone()),
+                                         prepend=prepend)
 
 
 @pytest.mark.parametrize(("make", "block_name", "site", "branch", "make_input"), [
@@ -309,12 +310,15 @@ def test_residual_branch_gets_the_same_mask(make, block_name, site, branch, make
     handle = ad.apply_pattern(model, conv_pattern(residual=True, share_c=False))
     assert block_name in handle.residual_blocks
     site_out = Capture(getattr(block, site))
-    branch_out = Capture(block.downsample if branch is None else getattr(block, branch))
+    branch_out = Capture(block if branch is None else getattr(block, branch))
     x = make_input()
     model(x)
     mask = _mask_of(site_raw.last, site_out.last)
-    branch_in = branch_raw.inputs[-1] if branch is None else branch_raw.last
-    torch.testing.assert_close(branch_out.last, branch_in * mask)
+    if branch is None:  # identity: the addition sees x * mask; torchvision adds, then relu
+        torch.testing.assert_close(branch_out.last,
+                                   F.relu(site_out.last + branch_raw.inputs[-1] * mask))
+    else:
+        torch.testing.assert_close(branch_out.last, branch_raw.last * mask)
     model(x)  # a fresh mask every call
     assert not torch.equal(_mask_of(site_raw.last, site_out.last), mask)
 
@@ -381,11 +385,12 @@ def test_remove_restores_the_model_exactly(case):
     assert torch.equal(seeded(model.train(), x), train_before)
 
 
-def test_downsample_none_is_restored_as_a_plain_attribute():
+def test_downsample_none_stays_none_while_applied():
     model = TinyResNet()
     block = model.layer1[0]
     with ad.apply_pattern(model, conv_pattern(residual=True)) as handle:
-        assert handle.applied and isinstance(block.downsample, nn.Identity)
+        assert handle.applied and "layer1.0" in handle.residual_blocks
+        assert block.downsample is None and "downsample" not in block._modules
     assert not handle.applied
     assert block.downsample is None and "downsample" not in block._modules
 
@@ -448,16 +453,30 @@ def test_removing_one_pattern_keeps_the_other():
     assert not torch.equal(seeded(model, images()), seeded(model, images()))
 
 
-def test_a_residual_slot_shared_by_two_patterns_outlives_the_first():
+def _pattern_hooks(model):
+    """(module, hook table, pattern key) of every hook a pattern owns."""
+    return sorted((name, table, hook.key) for name, m in model.named_modules()
+                  for table in ("_forward_hooks", "_forward_pre_hooks")
+                  for hook in getattr(m, table).values() if hasattr(hook, "key"))
+
+
+def test_an_identity_masked_by_two_patterns_keeps_the_second_after_the_first_goes():
     model = TinyResNet()
     block = model.layer1[0]
     first = ad.apply_pattern(model, conv_pattern(residual=True))
+    alone = [(name, table) for name, table, _ in _pattern_hooks(model)]
     second = ad.apply_pattern(model, conv_pattern(residual=True))
-    slot = block.downsample
+    main_in, block_in = InputCapture(block.conv1), InputCapture(block, prepend=True)
+    x = images()
+    model(x)
+    assert torch.equal(main_in.inputs[-1], block_in.inputs[-1])  # the main branch sees x
     first.remove()
-    assert block.downsample is slot and len(slot._forward_hooks) == 1
+    assert second.applied and block.downsample is None
+    assert _pattern_hooks(model) == [(name, table, second.key) for name, table in alone]
+    model(x)
+    assert torch.equal(main_in.inputs[-1], block_in.inputs[-1])
     second.remove()
-    assert block.downsample is None and "downsample" not in block._modules
+    assert _pattern_hooks(model) == []
 
 
 def test_a_deep_copy_is_patterned_on_its_own_layers():
@@ -470,7 +489,9 @@ def test_a_deep_copy_is_patterned_on_its_own_layers():
     assert torch.equal(seeded(clone, x, seed=1), seeded(clone, x, seed=2))
     assert all(layer.training for layer in handle.dropouts.values())
     assert ad.strip_pattern(clone) == 1 and handle.applied
-    assert clone.layer1[0].downsample is None and model.layer1[0].downsample is not None
+    assert clone.layer1[0].downsample is None and model.layer1[0].downsample is None
+    assert len(clone.layer1[0]._forward_pre_hooks) == 0
+    assert len(model.layer1[0]._forward_pre_hooks) == 2  # the model keeps its pattern
 
 
 # -- training ------------------------------------------------------------------------------------

@@ -23,17 +23,28 @@ paper's placement); sequence patterns hook the dropout slots of
 ``nn.Dropout`` keeps its own ``p`` and the pattern acts on its output: build the model with
 ``dropout=0`` for the pattern alone.
 
-Sites to modules, with ``M`` the matched modules in ``named_modules()`` order:
+Sites to modules, with ``M`` the matched modules in ``named_modules()`` order and ``k`` the
+pattern's sites:
 
-* conv: with ``len(pattern) == len(M)`` site ``i`` goes to ``M[i]``; a single site is shared
-  by every module (each gets its own layer, so masks are drawn independently); otherwise
-  ``ValueError``. A conv ``sites`` may also map each site index to its own selector
+* conv, one to one: with ``k == len(M)`` site ``i`` goes to ``M[i]``; a single site is
+  shared by every module (each gets its own layer, so masks are drawn independently).
+* conv, by stages: otherwise, given ``example_input=``, the model runs once on it (eval
+  mode, no grad; training flags restored, nothing else changes) and the matched modules
+  are grouped into *stages*: runs of modules consecutive in forward order whose outputs
+  have the same spatial size. With ``k`` stages, stage ``i`` gets site ``i``; with another
+  number the ``ValueError`` lists the stages found (module names and map sizes). Without
+  ``example_input`` a count mismatch is a ``ValueError`` naming the ways to choose.
+* conv, explicit: ``sites`` may map each site index to its own selector
   (``{0: "group1.*.bn*", 1: "group2.*.bn*"}``): site ``i`` goes to every module selector
-  ``i`` matches, as a search space's per-site ``modules:`` globs say.
-* sequence: the same rule per sub-layer, between the sites whose ``apply_to`` holds the
-  sub-layer (in pattern order) and the modules matched for it. So one site per block works
-  (``n_layers`` sites with the same ``apply_to``), as does one site for the whole network.
-  Sub-layers no site names are left alone.
+  ``i`` matches, as a search space's per-site ``modules:`` globs say. Keys may be ints or
+  digit strings (``{"0": ...}``, as read from YAML or JSON).
+* sequence: the same one-to-one/shared rule per sub-layer, between the sites whose
+  ``apply_to`` holds the sub-layer (in pattern order) and the modules matched for it. So
+  one site per block works (``n_layers`` sites with the same ``apply_to``), as does one
+  site for the whole network. Sub-layers no site names are left alone.
+
+The result is ``handle.assignment`` (hooked module name -> site index); ``str(handle)``
+prints it by site.
 
 Residual branch (conv sites with ``residual=True``): a residual block is a module exposing
 its residual branch as the attribute ``residual_site``, ``shortcut`` or ``downsample``
@@ -41,11 +52,18 @@ its residual branch as the attribute ``residual_site``, ``shortcut`` or ``downsa
 blocks qualify), a module or ``None`` for the identity. The block's *last* hooked site
 outside that branch (``bn2``/``bn3`` for torchvision; ``bn2`` of a pre-activation block,
 whose output has the shape of the block output) draws one mask per block call, and the
-same mask multiplies the residual branch's output; for ``None`` a marker
-``nn.Identity`` is put in the slot while the pattern is applied, so the block's own
-``if self.downsample is not None`` picks it up. If the branch output has another spatial
+same mask multiplies the residual branch's output. A module branch gets a forward hook.
+A ``None`` branch is never replaced (that could change the block's code path, and so
+what it computes even in eval): in training, a forward pre-hook on the block passes it
+``x * mask`` instead of its input ``x``, and a forward pre-hook on every module inside the
+block hands the original ``x`` back to whichever of them receives ``x * mask``, so the
+main branch sees ``x`` and the identity that reaches the addition is ``x * mask`` (that
+mask is drawn at block entry, with the input's shape). The
+main branch must therefore start with a module call on ``x`` (a ``RuntimeError`` in
+training says so when no module received it). If the branch output has another spatial
 size, the mask is resampled to it by nearest neighbour; batch and channels must agree.
-``residual`` of any other site (not last in a block, or in no block) has no effect.
+``residual`` of any other site (not last in a block, or in no block) has no effect. In
+eval mode every hook is off: a pattern never changes what the model computes.
 """
 
 from __future__ import annotations
@@ -91,12 +109,15 @@ class PatternHandle:
     """
 
     def __init__(self, model: nn.Module, pattern: Pattern, key: str,
-                 dropouts: dict[str, PatternDropout], residual_blocks: list[str]) -> None:
+                 dropouts: dict[str, PatternDropout], residual_blocks: list[str],
+                 assignment: dict[str, int] | None = None) -> None:
         self.model = model
         self.pattern = pattern
         self.key = key
         self.dropouts = dropouts
         self.residual_blocks = residual_blocks
+        self.assignment: dict[str, int] = dict(assignment or {})
+        """Hooked module name -> index of the pattern site it got."""
         self._first_site = model.get_submodule(next(iter(dropouts)))
 
     @property
@@ -123,12 +144,28 @@ class PatternHandle:
         return (f"PatternHandle({self.pattern!r}, modules={len(self.dropouts)}, "
                 f"residual_blocks={len(self.residual_blocks)}, {state})")
 
+    def __str__(self) -> str:
+        state = "applied" if self.applied else "removed"
+        lines = [f"{self.pattern.kind} pattern, {len(self.pattern)} sites -> "
+                 f"{len(self.assignment)} modules ({state})"]
+        for index in range(len(self.pattern)):
+            names = [name for name, i in self.assignment.items() if i == index]
+            lines.append(f"  site {index}: {', '.join(names) if names else '(no module)'}")
+        if self.residual_blocks:
+            lines.append(f"  residual blocks: {', '.join(self.residual_blocks)}")
+        return "\n".join(lines)
+
 
 def apply_pattern(model: nn.Module, pattern: Pattern,
-                  sites: Selector | Mapping[str, Selector] | None = None) -> PatternHandle:
+                  sites: Selector | Mapping[Any, Selector] | None = None, *,
+                  example_input: Any = None) -> PatternHandle:
     """Insert ``pattern``'s dropout into ``model`` by forward hooks; see the module docstring.
 
-    Returns a :class:`PatternHandle` whose ``remove()`` restores the model exactly.
+    ``example_input`` (a tensor, or a tuple of positional arguments) lets a conv pattern
+    whose site count differs from the matched modules map its sites to the model's
+    stages: one eval-mode forward on it groups the matched modules by output size. Returns
+    a :class:`PatternHandle` whose ``remove()`` restores the model exactly and whose
+    ``assignment`` says which site each module got.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -139,21 +176,26 @@ def apply_pattern(model: nn.Module, pattern: Pattern,
         assignment = _assign_conv_per_site(candidates, pattern, sites)
     elif pattern.kind == CONV:
         chosen = _select(candidates, nn.BatchNorm2d if sites is None else sites)
-        assignment = [(name, module, pattern.sites[i], None)
-                      for (name, module), i in zip(chosen, _spread(len(pattern), chosen, "sites"))]
+        if len(pattern) in (1, len(chosen)) or example_input is None:
+            spread = _spread(len(pattern), chosen, "sites", conv_hint=True)
+        else:
+            spread = _by_stages(model, chosen, len(pattern), example_input)
+        assignment = [(name, module, i, None) for (name, module), i in zip(chosen, spread)]
     else:
         assignment = _assign_sequence(candidates, pattern, sites)
 
     key = next(str(i) for i in itertools.count() if not _holds_key(model, str(i)))
     dropouts: dict[str, PatternDropout] = {}
     hooks: dict[str, _MaskHook] = {}
-    for name, module, site, sublayer in assignment:
+    for name, module, index, sublayer in assignment:
+        site = pattern.sites[index]
         dropouts[name] = PatternDropout(site, pattern.kind, sublayer).train(model.training)
         module.add_module(_layer_name(key), dropouts[name])
         hooks[name] = _MaskHook(key, dropouts[name])
         module.register_forward_hook(hooks[name])
     residual_blocks = _wire_residuals(model, key, dropouts, hooks) if pattern.kind == CONV else []
-    return PatternHandle(model, pattern, key, dropouts, residual_blocks)
+    return PatternHandle(model, pattern, key, dropouts, residual_blocks,
+                         {name: index for name, _, index, _ in assignment})
 
 
 def strip_pattern(model: nn.Module) -> int:
@@ -167,7 +209,6 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module) for name, module in model.named_modules()
         if name and not any(part.startswith(PREFIX) for part in name.split("."))
-        and not isinstance(module, _ResidualSlot)
     ]
 
 
@@ -208,7 +249,8 @@ def _describe(selector: Any) -> str:
     return "[" + ", ".join(_describe(item) for item in selector) + "]"
 
 
-def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str) -> list[int]:
+def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str,
+            conv_hint: bool = False) -> list[int]:
     """Site index per chosen module: one each, or the single site for all."""
     if n_sites == len(chosen):
         return list(range(n_sites))
@@ -219,11 +261,78 @@ def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str) -> li
     raise ValueError(
         f"{where}: the pattern has {n_sites} sites but {len(names)} modules matched ({shown}); "
         f"give one site per matched module or a single site to share"
+        + (f", map each site to its own modules (sites={{0: \"layer1.*.bn*\", 1: ...}}, "
+           f"indices 0..{n_sites - 1}), or pass example_input= to map the sites to the "
+           "model's stages (modules grouped by output size)" if conv_hint else "")
     )
 
 
+def _by_stages(model: nn.Module, chosen: list[tuple[str, nn.Module]], n_sites: int,
+               example_input: Any) -> list[int]:
+    """Site index per chosen module from one eval forward: stage ``i`` gets site ``i``."""
+    order: list[str] = []
+    sizes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if name not in sizes:
+                shape = tuple(output.shape) if isinstance(output, Tensor) else ()
+                sizes[name] = shape[2:]
+                order.append(name)
+        return hook
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in chosen]
+    modes = [(module, module.training) for module in model.modules()]
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    unused = [name for name, _ in chosen if name not in sizes]
+    if unused:
+        raise ValueError(f"sites: {', '.join(unused[:_SHOWN_NAMES])} matched but did not run "
+                         "on example_input, so they belong to no stage")
+    stages: list[list[str]] = []
+    for name in order:
+        if stages and sizes[stages[-1][-1]] == sizes[name]:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+    if len(stages) != n_sites:
+        found = "; ".join(
+            f"stage {i} ({'x'.join(map(str, sizes[names[0]])) or 'no map'}, "
+            f"{len(names)} modules): " + ", ".join(names[:_SHOWN_NAMES])
+            + (", ..." if len(names) > _SHOWN_NAMES else "")
+            for i, names in enumerate(stages))
+        raise ValueError(
+            f"sites: the pattern has {n_sites} sites but {len(chosen)} modules matched in "
+            f"{len(stages)} stages (runs of modules with the same output size, in forward "
+            f"order): {found}; map each site to its own modules (sites={{0: "
+            f"\"layer1.*.bn*\", 1: ...}}, indices 0..{n_sites - 1}) or use a single "
+            "shared site"
+        )
+    stage_of = {name: i for i, names in enumerate(stages) for name in names}
+    return [stage_of[name] for name, _ in chosen]
+
+
+def _site_index(key: Any) -> Any:
+    """A mapping key as a site index: ints, and digit strings as read from YAML or JSON."""
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    return key
+
+
 def _assign_conv_per_site(candidates, pattern: Pattern, sites: Mapping) -> list[tuple]:
-    if sorted(sites, key=repr) != list(range(len(pattern))):
+    indices = [_site_index(key) for key in sites]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"sites: keys {sorted(sites, key=repr)} name a site twice")
+    sites = dict(zip(indices, sites.values()))
+    if set(sites) != set(range(len(pattern))):
         raise ValueError(f"sites: a mapping for a conv pattern needs one selector per site "
                          f"index 0..{len(pattern) - 1}, got keys {sorted(sites, key=repr)}")
     owner: dict[str, int] = {}
@@ -233,8 +342,7 @@ def _assign_conv_per_site(candidates, pattern: Pattern, sites: Mapping) -> list[
                 raise ValueError(f"sites: module {name} is selected by both site {owner[name]} "
                                  f"and site {index}")
             owner[name] = index
-    return [(name, module, pattern.sites[owner[name]], None)
-            for name, module in candidates if name in owner]
+    return [(name, module, owner[name], None) for name, module in candidates if name in owner]
 
 
 def _assign_sequence(candidates, pattern: Pattern, sites: Any) -> list[tuple]:
@@ -261,7 +369,7 @@ def _assign_sequence(candidates, pattern: Pattern, sites: Any) -> list[tuple]:
                 raise ValueError(f"sites: module {name} is selected for both {owner[name]} and "
                                  f"{sublayer}; a module can be one sub-layer only")
             owner[name] = sublayer
-            assignment.append((name, module, pattern.sites[indices[j]], sublayer))
+            assignment.append((name, module, indices[j], sublayer))
     order = {name: i for i, (name, _) in enumerate(candidates)}
     return sorted(assignment, key=lambda entry: order[entry[0]])
 
@@ -293,7 +401,15 @@ def _wire_residuals(model: nn.Module, key: str, dropouts: dict[str, PatternDropo
         hooks[site_name].shared = shared
         block.register_forward_pre_hook(shared)
         block.register_forward_hook(shared)
-        _residual_branch(block, key).register_forward_hook(_MaskHook(key, dropout, shared))
+        branch = getattr(block, _slot_name(block))
+        if branch is not None:
+            branch.register_forward_hook(_MaskHook(key, dropout, shared))
+        else:  # the identity: mask the block's input for the addition, not for the main branch
+            block.register_forward_pre_hook(_IdentityMask(key, shared))
+            inner = [m for m in block.modules()
+                     if m is not block and not isinstance(m, PatternDropout)]
+            for module in inner:
+                module.register_forward_pre_hook(_Unmask(key, shared), prepend=True)
         wired.append(block_name)
     return wired
 
@@ -315,17 +431,6 @@ def _slot_name(module: nn.Module) -> str | None:
         if value is None or isinstance(value, nn.Module):
             return slot
     return None
-
-
-def _residual_branch(block: nn.Module, key: str) -> nn.Module:
-    slot = _slot_name(block)
-    branch = getattr(block, slot)
-    if branch is None:
-        branch = _ResidualSlot(key, registered=slot in block._modules)
-        if not branch.registered:
-            delattr(block, slot)
-        setattr(block, slot, branch)
-    return branch
 
 
 class _PatternHook:
@@ -362,9 +467,20 @@ class _SharedMask(_PatternHook):
         super().__init__(key)
         self.dropout = dropout
         self.mask: Tensor | None = None
+        self.identity: tuple[Tensor, Tensor] | None = None
+        self.unmasked = False
 
     def __call__(self, *hook_args: Any) -> None:
+        unused = self.identity is not None and not self.unmasked
         self.mask = None
+        self.identity = None  # (x, x * mask) of the current call, for an identity shortcut
+        self.unmasked = False
+        if unused and len(hook_args) == 3:  # the block's forward hook: the call is over
+            raise RuntimeError(
+                "residual: no module of this block received its input, so the identity "
+                "shortcut cannot be masked apart from the main branch; start the main "
+                "branch with a module call on the input, or give the block a shortcut module"
+            )
 
     def mask_for(self, output: Tensor) -> Tensor:
         if self.mask is None:
@@ -384,13 +500,35 @@ def _fit(mask: Tensor, shape: torch.Size) -> Tensor:
     return F.interpolate(mask, size=tuple(shape[-2:]), mode="nearest")
 
 
-class _ResidualSlot(nn.Identity):
-    """Stands in for a ``None`` residual branch while a pattern masks the identity."""
+class _IdentityMask(_PatternHook):
+    """Block forward pre-hook for an identity shortcut: input ``x`` -> ``x * mask``."""
 
-    def __init__(self, key: str, registered: bool) -> None:
-        super().__init__()
-        self.key = key
-        self.registered = registered
+    def __init__(self, key: str, shared: _SharedMask) -> None:
+        super().__init__(key)
+        self.shared = shared
+
+    def __call__(self, block: nn.Module, args: tuple) -> tuple | None:
+        if not self.shared.dropout.training or not args or not isinstance(args[0], Tensor):
+            return None
+        x = args[0]
+        masked = x * self.shared.mask_for(x)
+        self.shared.identity = (x, masked)
+        return (masked, *args[1:])
+
+
+class _Unmask(_PatternHook):
+    """Pre-hook on a module inside the block: ``x * mask`` -> ``x`` for the main branch."""
+
+    def __init__(self, key: str, shared: _SharedMask) -> None:
+        super().__init__(key)
+        self.shared = shared
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        identity = self.shared.identity
+        if identity is None or not args or args[0] is not identity[1]:
+            return None
+        self.shared.unmasked = True
+        return (identity[0], *args[1:])
 
 
 # -- removal -------------------------------------------------------------------------------------
@@ -417,20 +555,5 @@ def _remove(model: nn.Module, key: str | None) -> set[str]:
                 if owned(child_key):
                     delattr(module, slot)
                     removed.add(child_key)
-    for module in modules:  # after the hooks: a slot another pattern still hooks stays
-        for slot, child in list(module._modules.items()):
-            if isinstance(child, _ResidualSlot) and owned(child.key):
-                _restore_slot(module, slot, child)
     return removed
 
-
-def _restore_slot(block: nn.Module, slot: str, stand_in: _ResidualSlot) -> None:
-    users = [hook for hook in stand_in._forward_hooks.values() if isinstance(hook, _PatternHook)]
-    if users:
-        stand_in.key = users[0].key  # the slot now belongs to a pattern still applied
-        return
-    if stand_in.registered:
-        block._modules[slot] = None
-    else:
-        del block._modules[slot]
-        object.__setattr__(block, slot, None)
