@@ -30,6 +30,14 @@ def _bounds(low: float | None, high: float | None, low_open: bool = False) -> st
     return ""
 
 
+def is_real(value: Any, finite: bool = False) -> bool:
+    """Whether ``value`` is a real number (never a ``bool``), and finite if ``finite``: the
+    predicate behind the checks, for code that skips rather than refuses a value."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    return math.isfinite(value) if finite else True
+
+
 def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None,
               error: type[Exception] = ValueError) -> int:
     """``value`` as an ``int`` in ``[low, high]`` (either end optional)."""

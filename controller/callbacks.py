@@ -16,6 +16,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from autodropout.patterns import Pattern
+from autodropout.validation import is_real
 from patterns_db.states import TrialState
 
 from .controllers import serialize_state
@@ -56,7 +57,7 @@ class StoreCallback(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = {key: float(value) for key, value in result.items()
-                if isinstance(value, Real) and not isinstance(value, bool) and key in _STEP_METRICS}
+                if is_real(value) and key in _STEP_METRICS}
         history = self.metrics.get(trial.trial_id, [])
         step["step"] = float(result.get("training_iteration", len(history) + 1))
         # A retried or resumed trial starts again from its first step (or its checkpoint's):
@@ -280,8 +281,7 @@ class ProgressCallback(Callback):
         self._start(trials)
         self.running[trial.trial_id] = {
             key: float(value) for key, value in result.items()
-            if key in ("epoch", "epochs", *self.METRICS) and isinstance(value, Real)
-            and not isinstance(value, bool)}
+            if key in ("epoch", "epochs", *self.METRICS) and is_real(value)}
         self._show()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

@@ -63,9 +63,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from numbers import Real
 from typing import Any
 
+from autodropout.validation import is_real
 from patterns_db.states import TrialState
 
 TUNE_RESULT_KEY = "training_iteration"
@@ -84,8 +84,7 @@ def trial_outcome(result: Mapping[str, Any] | None, error: bool = False,
     module docstring."""
     if is_group_summary(result):
         value = result.get(metric)
-        finite = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-        return TrialState.COMPLETED if finite else TrialState.FAILED
+        return TrialState.COMPLETED if is_real(value, finite=True) else TrialState.FAILED
     if error or not result or metric not in result:
         return TrialState.FAILED
     return TrialState.COMPLETED if result.get("final") else TrialState.EARLY_STOPPED

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import pickle
-from numbers import Real
 from typing import Any
 
 from ray.tune.search import UNDEFINED_METRIC_MODE, Searcher
 from ray.tune.search.variant_generator import parse_spec_vars
 
+from autodropout.validation import is_real
 from patterns_db.states import TrialState
 
 from .controllers import Controller, Suggestion
@@ -142,7 +141,7 @@ class PatternSearcher(Searcher):
         if not self.rungs or suggestion is None or not result:
             return
         rung, value = result.get(self.time_attr), result.get(self._metric)
-        if rung not in self.rungs or not _finite(value) or not self._learns_from_rungs():
+        if rung not in self.rungs or not is_real(value, finite=True) or not self._learns_from_rungs():
             return
         seen = self.observed.setdefault(trial_id, set())
         if int(rung) in seen:
@@ -183,10 +182,6 @@ class PatternSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as file:
             self.__setstate__(pickle.load(file))
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_param_space(config: dict[str, Any]) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from autodropout.validation import check_choice, check_int, check_probability, check_real
+from autodropout.validation import check_choice, check_int, check_probability, check_real, is_real
 
 from .base import DropoutLayer, KeepMaskDropout
 
@@ -121,7 +120,7 @@ def scheduled_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def is_plain_rate(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
+    return is_real(value)
 
 
 class DropoutScheduler:
