@@ -26,6 +26,15 @@ def json_help(doc: str | None) -> str:
     return (title + body).replace("``", "")
 
 
+def store_group(commands: argparse._SubParsersAction, name: str, doc: str | None, help: str,
+                description: str) -> argparse._SubParsersAction:
+    """The sub-commands of a store command group (``patterns``, ``searches``), whose ``--help``
+    ends with the ``--json`` part of the group module's docstring ``doc``."""
+    group = commands.add_parser(name, epilog=json_help(doc), help=help, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
 def open_store(args: argparse.Namespace, create: bool = False):
     """The store ``--db`` names (imports SQLAlchemy now, torch never)."""
     from patterns_db import PatternStore

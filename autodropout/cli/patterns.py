@@ -34,30 +34,25 @@ from patterns_db.states import TrialState
 
 from .output import (
     db_option,
-    json_help,
     number,
     open_store,
     positive_int,
     print_fields,
     print_json,
     print_table,
+    store_group,
     value_text,
 )
 
-JSON_HELP = json_help(__doc__)
 DEFAULT_TOP = 10
 DEFAULT_SHAPES = {"conv": (1, 32, 32), "sequence": (32, 64)}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    group = commands.add_parser(
-        "patterns",
-        epilog=JSON_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="list, show, export, import and tag stored patterns",
-        description="Stored dropout patterns. REF is a tag, a pattern id or a hash prefix.",
-    )
-    sub = group.add_subparsers(dest="patterns_command", metavar="COMMAND", required=True)
+    sub = store_group(commands, "patterns", __doc__,
+                      help="list, show, export, import and tag stored patterns",
+                      description="Stored dropout patterns. REF is a tag, a pattern id or a "
+                      "hash prefix.")
     common = db_option()
     for add in (_add_list, _add_show, _add_export, _add_import, _add_tag):
         add(sub, common)

@@ -29,27 +29,19 @@ from patterns_db.states import TrialState
 
 from .output import (
     db_option,
-    json_help,
     number,
     open_store,
     print_fields,
     print_json,
     print_table,
+    store_group,
 )
-
-JSON_HELP = json_help(__doc__)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     common = db_option()
-    group = commands.add_parser(
-        "searches",
-        epilog=JSON_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="list and inspect pattern searches",
-        description="Pattern searches recorded in the store.",
-    )
-    sub = group.add_subparsers(dest="searches_command", metavar="COMMAND", required=True)
+    sub = store_group(commands, "searches", __doc__, help="list and inspect pattern searches",
+                      description="Pattern searches recorded in the store.")
 
     listing = sub.add_parser("list", parents=[common], help="every search and its progress")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
