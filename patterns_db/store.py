@@ -360,8 +360,7 @@ class PatternStore:
         k = check_int(k, "k", low=1, error=BadInput)
         with self._reading() as session:
             records = _pattern_records(session, PatternRow.untried(session, k, kind))
-        return sorted(records.values(), key=lambda record: (record.created_at, record.id),
-                      reverse=True)
+        return list(records.values())  # the query's order: newest first
 
     # files --------------------------------------------------------------------------------
     def export(
