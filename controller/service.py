@@ -215,7 +215,7 @@ def make_scheduler(settings: dict[str, Any]):
     if settings.get("scheduler", "none") == "none":
         return None
     return SCHEDULERS.get("asha")(
-        time_attr="training_iteration", metric="reward", mode="max",
+        time_attr="epoch", metric="reward", mode="max",
         max_t=settings["asha_max_t"], grace_period=settings["asha_grace"],
         reduction_factor=settings["asha_reduction"], brackets=1)
 
@@ -354,7 +354,7 @@ def _search(options, space, budget, dataset, model, name, store, data, controlle
     started = time.monotonic()
     scheduler = scheduler or {"scheduler": "none"}
     searcher = PatternSearcher(controller, metric="reward", mode="max",
-                               rungs=tuple(scheduler.get("asha_rungs", ())))
+                               rungs=tuple(scheduler.get("asha_rungs", ())), time_attr="epoch")
     settings = {"controller": options.controller, "seed": seed, "trials": options.trials,
                 **scheduler, **getattr(controller, "settings", {})}
     if options.resume:  # a resumed search keeps the settings it was started with
@@ -396,13 +396,15 @@ def build_tuner(options: SearchOptions, space, budget: dict[str, Any], name: str
     if options.resume:
         return tune.Tuner.restore(str(root / name), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
+    scheduler = scheduler_settings(options, space, budget)
     return tune.Tuner(
         trainable,
-        param_space={"space": space.name, "seed": seed, "budget": budget},
+        param_space={"space": space.name, "seed": seed, "budget": budget,
+                     "validate_at": scheduler.get("asha_rungs", [])},
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=options.concurrent),
             num_samples=options.trials,
-            scheduler=make_scheduler(scheduler_settings(options, space, budget)),
+            scheduler=make_scheduler(scheduler),
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(

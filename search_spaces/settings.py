@@ -81,6 +81,8 @@ BUDGET_SETTINGS = _table(
             choices=("none", "crop-flip")),
     Setting("recalibrate_bn", "bool", "re-estimate BatchNorm statistics with masks off before "
             "the final validation", False),
+    Setting("eval_every", "int", "validate after every N-th epoch (and the last; under "
+            "ASHA also at every rung)", 1, low=1),
 )
 
 CONTROLLER_SETTINGS = _table(

@@ -54,6 +54,20 @@ def run(holdout, pattern, seed=0, **overrides):
     return model, reports, last
 
 
+def test_eval_every_validates_only_where_asked_and_trains_the_same(holdout, pattern):
+    """Validation is a pure read: skipping it changes no weight, mask or batch order, so the
+    last epoch's metrics equal those of a run that validated after every epoch."""
+    budget = {**BUDGET, "epochs": 5, "train_examples": 64, "validation_examples": 32}
+    reports = []
+    every = train_child(tiny_convnet(), pattern, None, holdout, budget, seed=3)
+    sparse = train_child(tiny_convnet(), pattern, None, holdout, {**budget, "eval_every": 2},
+                         seed=3, report=reports.append, validate_at={1})
+    assert [r["epoch"] for r in reports] == [1, 2, 4, 5]
+    assert [r["final"] for r in reports] == [False, False, False, True]
+    assert {k: v for k, v in sparse.items() if "seconds" not in k} == \
+        {k: v for k, v in every.items() if "seconds" not in k}
+
+
 def test_learns_with_a_pattern_and_reports_each_epoch(holdout, pattern):
     model, reports, last = run(holdout, pattern)
     assert [r["epoch"] for r in reports] == [1, 2]

@@ -12,10 +12,12 @@
 * ``site_modules``: per-site module globs overriding the space's ``modules:``;
 * ``seed`` (model initialisation, batch order and masks; default 0), ``split_seed``
   (the validation hold-out, default 0: the same for every trial so rewards compare);
+* ``validate_at``: epochs to validate at besides the budget's ``eval_every`` (a scheduler's
+  rungs, so ASHA compares trials on fresh rewards);
 * ``data_dir`` and ``download`` (default true): where the dataset's files are and whether
   they may be downloaded, when the trial loads them itself.
 
-Every epoch is reported with ``ray.tune.report``: the metrics of
+Every validated epoch is reported with ``ray.tune.report``: the metrics of
 :func:`workers.training.train_child` plus ``node``, ``pid`` (the worker process),
 ``device``, ``threads``, ``pattern_hash`` and ``duration`` (seconds since the trial
 started). The last report has ``final: True`` and the trial's ``reward``.
@@ -75,7 +77,8 @@ def pattern_trainable(config: dict[str, Any], data: DatasetBundle | None = None,
     def report(metrics: dict[str, Any]) -> None:
         tune.report({**metrics, **constants, "duration": time.perf_counter() - started})
 
-    train_child(model, pattern, sites, holdout, budget, device, seed, report)
+    train_child(model, pattern, sites, holdout, budget, device, seed, report,
+                validate_at=config.get("validate_at", ()))
 
 
 def claim_device() -> tuple[torch.device, int]:
