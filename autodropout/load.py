@@ -19,6 +19,8 @@ def load_pattern(ref: str | os.PathLike[str], db: str | None = None) -> Pattern:
     ``ref`` is a file when it is a path object, an existing file, or ends in ``.json``,
     ``.yaml`` or ``.yml``; any other ref is looked up in the store at ``db`` (a SQLAlchemy
     URL or SQLite path; default ``$AUTODROPOUT_DB``, else the user's SQLite store).
+    A pattern a search found keeps its space's ``placement``, so ``apply_pattern(model,
+    pattern)`` puts its sites where the search did.
     Raises :class:`~autodropout.errors.NotFound` for an unknown ref or a missing file and
     :class:`~autodropout.patterns.PatternError` for a malformed one.
     """

@@ -367,7 +367,11 @@ class PatternStore:
         self, ref: str | int, format: str | None = None, path: str | os.PathLike[str] | None = None
     ) -> str:
         """The export text of pattern ``ref`` (JSON unless ``format`` or ``path``'s suffix says
-        YAML), written atomically to ``path`` when given."""
+        YAML), written atomically to ``path`` when given.
+
+        The file carries the stored pattern's ``space`` and ``placement`` (where each site went:
+        the space's site names, ``modules`` globs and map sizes), which are those of the first
+        search or import that stored it: a pattern is stored once, by its hash."""
         format = format or (format_of(path) if path is not None else "json")
         text = dump_pattern(self.resolve(ref).pattern, format)
         if path is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from autodropout.patterns import Pattern
 from autodropout.patterns.fields import SITE_FIELDS, PatternError, site_value
+from autodropout.patterns.pattern import SitePlacement
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class SearchSpace:
 
     ``decisions`` lists, site by site in field order, every field with more than one
     choice: that is the token sequence a controller samples. ``decode`` turns one index per
-    decision into a :class:`~autodropout.Pattern`; ``encode`` is its inverse.
+    decision into a :class:`~autodropout.Pattern` carrying the space's :attr:`placement`;
+    ``encode`` is its inverse.
 
     ``max_drop`` (None: unbounded) is the largest expected fraction of a site's activations
     a pattern of the space may drop, on the site's ``map_size`` (else the space's
@@ -109,6 +111,13 @@ class SearchSpace:
     def site_modules(self) -> tuple[str | None, ...]:
         return tuple(site.modules for site in self.sites)
 
+    @property
+    def placement(self) -> tuple[SitePlacement, ...]:
+        """Each site's name, ``modules`` glob and ``map_size`` (else the space's): what the
+        patterns :meth:`decode` gives carry, so an exported one is applied as searched."""
+        return tuple(SitePlacement(site.name, site.modules, site.map_size or self.map_size)
+                     for site in self.sites)
+
     def decode(self, indices: Sequence[int]) -> Pattern:
         decisions = self.decisions
         if len(indices) != len(decisions):
@@ -120,7 +129,7 @@ class SearchSpace:
                     f"indices: {decision.key} index {index} outside [0, {len(decision.choices)})"
                 )
             values[decision.site][decision.name] = decision.choices[int(index)]
-        return Pattern(self.kind, values, space=self.name)
+        return Pattern(self.kind, values, space=self.name, placement=self.placement)
 
     def encode(self, pattern: Pattern) -> list[int]:
         if pattern.kind != self.kind or len(pattern.sites) != len(self.sites):

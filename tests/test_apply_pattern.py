@@ -201,7 +201,8 @@ def test_sequence_sites_override_defaults_by_sublayer():
     with pytest.raises(ValueError, match="both attention_output and ffn_output"):
         ad.apply_pattern(model, sequence_pattern(["attention_output", "ffn_output"]),
                          sites={"attention_output": "*.mlp.dropout"})
-    with pytest.raises(ValueError, match=r"sites\['embedding'\] \(default\): selector"):
+    with pytest.raises(ValueError, match=r"sites\['embedding'\] \(default\): no module matches "
+                                         r"the default slots \['drop', '\*.drop'\]; pass sites="):
         ad.apply_pattern(TinyResNet(), sequence_pattern(["embedding"]))
 
 
@@ -491,7 +492,7 @@ def test_conv_sites_mapping_gives_each_site_its_own_selector():
         f"group1.{b}.bn{i}" for b in (0, 1) for i in (1, 2)]
     assert "bn" in strides and all(strides[n] == 8 for n in strides if not n.startswith("group1"))
     handle.remove()
-    with pytest.raises(ValueError, match=r"one selector per site index 0..1, got keys \[0\]"):
+    with pytest.raises(ValueError, match=r"one selector per site \(index 0..1\), got keys \[0\]"):
         ad.apply_pattern(model, pattern, {0: "group1.*.bn*"})
     with pytest.raises(ValueError, match=r"group1.0.bn1 is selected by both site 0 and site 1"):
         ad.apply_pattern(model, pattern, {0: "group1.*.bn*", 1: nn.BatchNorm2d})

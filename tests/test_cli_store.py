@@ -240,6 +240,23 @@ def test_export_import_round_trip_keeps_the_hash(filled, capsys, tmp_path):
     assert code == 0 and yaml.safe_load(out)["kind"] == "conv"
 
 
+def test_export_and_show_carry_the_placement_of_the_search_space(db_url, capsys):
+    import search_spaces
+
+    space = search_spaces.load("convnet")
+    pattern = space.decode([0] * len(space.decisions))
+    with PatternStore(db_url) as store:
+        store.create_search("run", space.name, space.yaml_text, "fashion-mnist", "wrn")
+        store.record_trial("run", "t0", pattern, reward=0.5)
+    code, out, _ = run(capsys, "patterns", "export", "--db", db_url, pattern.hash[:8])
+    exported = json.loads(out)
+    assert code == 0 and exported["format"] == "autodropout.pattern/2"
+    assert exported["placement"][1] == {"name": "stage2", "modules": "group2.*.bn*",
+                                        "map_size": [14, 14]}
+    code, out, _ = run(capsys, "patterns", "show", "--db", db_url, pattern.hash[:8])
+    assert code == 0 and "  [2] stage3 on group3.*.bn* (7x7): size_h=1 " in out
+
+
 def test_import_refuses_bad_files_and_writes_nothing(filled, capsys, tmp_path):
     with PatternStore(filled) as store:
         data = json.loads(store.export("wrn-fashion-best"))

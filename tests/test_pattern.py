@@ -1,4 +1,5 @@
 import json
+import pickle
 from types import MappingProxyType
 
 import pytest
@@ -75,7 +76,24 @@ def test_immutable():
     ({"kind": "conv", "sites": []}, "sites: must hold at least one site"),
     ({"kind": "cnn", "sites": [CONV_SITE]}, "kind: must be one of conv, sequence"),
     ({"sites": [CONV_SITE]}, "kind: missing"),
-    ({"kind": "conv", "sites": [CONV_SITE], "format": "other/9"}, "format: unsupported"),
+    ({"kind": "conv", "sites": [CONV_SITE], "format": "other/9"},
+     "format: unsupported 'other/9' (must be one of [autodropout.pattern/1, autodropout.pattern/2])"),
+    ({"kind": "conv", "sites": [CONV_SITE], "placement": [{"name": "a"}],
+      "format": "autodropout.pattern/1"}, "placement: needs format 'autodropout.pattern/2'"),
+    ({"kind": "conv", "sites": [CONV_SITE], "placement": [{"name": "a"}, {"name": "b"}]},
+     "placement: must have one entry per site (1), got 2"),
+    ({"kind": "conv", "sites": [CONV_SITE, CONV_SITE], "placement": [{"name": "a"}] * 2},
+     "placement: site name 'a' is given twice"),
+    ({"kind": "conv", "sites": [CONV_SITE], "placement": {"name": "a"}},
+     "placement: must be a list with one entry per site"),
+    ({"kind": "conv", "sites": [CONV_SITE], "placement": [{"modules": "x"}]},
+     "placement[0].name: missing"),
+    ({"kind": "conv", "sites": [CONV_SITE], "placement": [{"name": "a", "glob": "x"}]},
+     "placement[0].glob: unknown field (must be one of [name, modules, map_size])"),
+    ({"kind": "conv", "sites": [CONV_SITE], "placement": [{"name": "a", "modules": ""}]},
+     "placement[0].modules: must be a non-empty string, got ''"),
+    ({"kind": "conv", "sites": [CONV_SITE], "placement": [{"name": "a", "map_size": [28, 0]}]},
+     "placement[0].map_size: must be a positive integer or a list of two, got [28, 0]"),
     ([1, 2], "a pattern must be a mapping"),
 ])
 def test_malformed_patterns_name_the_field(data, message):
@@ -108,3 +126,34 @@ def test_exported_hash_guards_against_edits(tmp_path):
         Pattern.load(exported)
     with pytest.raises(PatternError, match="hash: must be 64 lowercase hex digits"):
         Pattern.from_dict({**pattern.to_dict(), "hash": "abc"})
+
+
+PLACED = [{"name": "stage1", "modules": "group1.*.bn*", "map_size": 28},
+          {"name": "stage2", "map_size": [14, 12]}]
+
+
+def test_placement_is_metadata_that_round_trips_in_format_2(tmp_path):
+    plain = Pattern("conv", [CONV_SITE, CONV_SITE])
+    placed = Pattern("conv", [CONV_SITE, CONV_SITE], placement=PLACED)
+    assert placed.hash == plain.hash and placed == plain  # not part of the identity
+    assert [p.map_size for p in placed.placement] == [(28, 28), (14, 12)]
+    assert placed.placement[1].modules is None
+    data = placed.to_dict()
+    assert data["format"] == "autodropout.pattern/2" and plain.to_dict()["format"].endswith("/1")
+    assert data["placement"] == [{"name": "stage1", "modules": "group1.*.bn*", "map_size": [28, 28]},
+                                 {"name": "stage2", "map_size": [14, 12]}]
+    for name in ("p.json", "p.yaml"):
+        loaded = Pattern.load(placed.save(tmp_path / name))
+        assert loaded.placement == placed.placement and loaded.to_json() == placed.to_json()
+    assert pickle.loads(pickle.dumps(placed)).placement == placed.placement
+    assert Pattern("conv", [CONV_SITE, CONV_SITE], placement=placed.placement).to_json() == (
+        placed.to_json())
+
+
+def test_format_1_files_still_load(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "autodropout.pattern/1", "kind": "conv",
+                               "sites": [CONV_SITE], "space": "tiny"}))
+    loaded = Pattern.load(old)
+    assert loaded.placement is None and loaded.space == "tiny"
+    assert loaded.hash == "3479f239c4fd98742f96701a9e5f1c8e4d1288dafaa4c7e39d10a9793ce3aaea"

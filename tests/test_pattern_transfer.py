@@ -1,9 +1,13 @@
-"""Patterns travel: stage-aware site mapping, and residual masks that keep the model's function.
+"""Patterns travel: placement, stage-aware site mapping, and residual masks that keep the
+model's function, on the models people apply patterns to.
 
-Models (no torchvision here): a ResNet-18-style network of torchvision ``BasicBlock``s
-(``downsample=None`` or a module), torchvision ``Bottleneck``s, a VGG-BN-like
-``nn.Sequential`` and a pre-activation ResNet whose identity shortcut is ``None``; inputs
-are non-square (40x32).
+Models (no torchvision here, nor transformers): torchvision-style ResNet-18
+(``BasicBlock``, ``downsample=None`` or a module) and ResNet-50 (``Bottleneck``), a
+VGG-11-BN built as one flat ``nn.Sequential``, a pre-activation ResNet whose identity
+shortcut is ``None``, a MobileNetV2 of inverted residuals (identity only with stride 1 and
+equal channels, no shortcut module), the pre-activation ResNet with GroupNorm (no
+BatchNorm), the project's GPT and a GPT with Hugging Face GPT-2's module names; images are
+non-square (40x32).
 """
 
 from __future__ import annotations
@@ -14,12 +18,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision_blocks import BasicBlock, Bottleneck, conv3, downsample
+from torchvision_blocks import (
+    BasicBlock,
+    Bottleneck,
+    InvertedResidual,
+    conv3,
+    conv_bn_relu,
+    downsample,
+)
 
 import autodropout as ad
 import search_spaces
+from autodropout.patterns import SUBLAYERS
+from workers.models import GPTLanguageModel
 
 H, W = 40, 32
+VOCAB = 11
 
 
 def images(n=2, channels=3):
@@ -37,6 +51,21 @@ def conv_pattern(n_sites=1, **overrides):
     return ad.Pattern("conv", [conv_site(size_h=1 + i % 3, **overrides) for i in range(n_sites)])
 
 
+def sequence_pattern():
+    site = dict(size=2, stride=4, repeat="fill", axis="tokens", share=True,
+                apply_to=list(SUBLAYERS))
+    return ad.Pattern("sequence", [site])
+
+
+def tokens(n=2, t=16):
+    return torch.randint(0, VOCAB, (n, t))
+
+
+def seeded(model, x, seed=3):
+    torch.manual_seed(seed)
+    return model(x)
+
+
 def convnet_pattern():
     """A 3-site pattern of the shipped convnet space, from a fixed token list."""
     space = search_spaces.load("convnet")
@@ -48,21 +77,21 @@ def convnet_pattern():
 
 # -- models ------------------------------------------------------------------------------------
 class ResNet(nn.Module):
-    """ResNet-18 layout (two BasicBlocks a stage) with ``len(widths)`` stages."""
+    """torchvision's ResNet layout with two ``block``s a stage and ``len(widths)`` stages:
+    ResNet-18 with ``BasicBlock``, ResNet-50-style with ``Bottleneck``."""
 
-    def __init__(self, widths=(4, 8, 8, 8), num_classes=5):
+    def __init__(self, widths=(4, 8, 8, 8), block=BasicBlock, num_classes=5):
         super().__init__()
         self.conv1 = conv3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         cin = widths[0]
         for i, width in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            first = BasicBlock(cin, width, stride,
-                               downsample(cin, width, stride) if stride != 1 or cin != width
-                               else None)
-            setattr(self, f"layer{i + 1}", nn.Sequential(first, BasicBlock(width, width)))
-            cin = width
+            stride, cout = 1 if i == 0 else 2, width * block.expansion
+            first = block(cin, width, stride,
+                          downsample(cin, cout, stride) if stride != 1 or cin != cout else None)
+            setattr(self, f"layer{i + 1}", nn.Sequential(first, block(cout, width)))
+            cin = cout
         self.n_stages = len(widths)
         self.fc = nn.Linear(cin, num_classes)
 
@@ -88,11 +117,11 @@ def vgg(cfg=(4, "M", 8, "M", 8, 8, "M", 8, 8, "M", 8, 8, "M")):
 class PreActBlock(nn.Module):
     """Pre-activation block whose identity shortcut is ``None``."""
 
-    def __init__(self, cin, cout, stride=1):
+    def __init__(self, cin, cout, stride=1, norm=nn.BatchNorm2d):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
+        self.bn1 = norm(cin)
         self.conv1 = conv3(cin, cout, stride)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout)
         self.conv2 = conv3(cout, cout)
         self.shortcut = (None if stride == 1 and cin == cout
                          else nn.Conv2d(cin, cout, 1, stride, bias=False))
@@ -104,21 +133,70 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, widths=(4, 8, 8), num_classes=5):
+    def __init__(self, widths=(4, 8, 8), num_classes=5, norm=nn.BatchNorm2d):
         super().__init__()
         self.conv = conv3(3, widths[0])
         cin, stages = widths[0], []
         for i, width in enumerate(widths):
-            stages.append(nn.Sequential(PreActBlock(cin, width, 1 if i == 0 else 2),
-                                        PreActBlock(width, width)))
+            stages.append(nn.Sequential(PreActBlock(cin, width, 1 if i == 0 else 2, norm),
+                                        PreActBlock(width, width, norm=norm)))
             cin = width
         self.stages = nn.Sequential(*stages)
-        self.bn = nn.BatchNorm2d(cin)
+        self.bn = norm(cin)
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
         x = F.relu(self.bn(self.stages(self.conv(x))))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def group_norm(channels):
+    return nn.GroupNorm(2, channels)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 layout: a stem, inverted residuals per (t, c, n, s) row, a
+    1x1 head, pooling and a dropout-linear classifier."""
+
+    def __init__(self, rows=((1, 4, 1, 1), (2, 6, 2, 2), (2, 8, 2, 2)), num_classes=5):
+        super().__init__()
+        layers, cin = [conv_bn_relu(3, 4)], 4
+        for expand, cout, repeats, stride in rows:
+            for i in range(repeats):
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        self.features = nn.Sequential(*layers, conv_bn_relu(cin, 16, kernel=1))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+class GPT2MLP(nn.Module):
+    """Hugging Face GPT-2's MLP: ``act`` is a module and the hidden activation has no dropout."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.c_fc = nn.Linear(d_model, 4 * d_model)
+        self.act = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * d_model, d_model)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def gpt(d_model=32):
+    return GPTLanguageModel(VOCAB, context=16, d_model=d_model, n_layers=2, n_heads=4)
+
+
+def hf_gpt2(d_model=32):
+    """A GPT with GPT2LMHeadModel's module names (``transformer.h.0.attn.c_attn``,
+    ``mlp.c_fc``, ``mlp.act``, ``ln_1``, ...): the project's GPT uses them for all but the MLP."""
+    model = gpt(d_model)
+    for block in model.transformer.h:
+        block.mlp = GPT2MLP(d_model)
+    return model
 
 
 def batchnorms(model):
@@ -135,9 +213,13 @@ def test_a_three_site_pattern_maps_by_stages_on_a_three_stage_resnet():
     assert handle.assignment == expected
     for name, layer in handle.dropouts.items():
         assert layer.site == handle.pattern.sites[expected[name]]
+    assert handle.rule == "stages"
+    assert handle.placement_unused == "site 0 (stage1) glob 'group1.*.bn*' matches no module"
     text = str(handle)
-    assert "3 sites -> 15 modules" in text
-    assert "site 1: layer2.0.bn1, layer2.0.bn2, layer2.0.downsample.1, layer2.1.bn1" in text
+    assert "3 sites -> 15 modules" in text and "rule: stages on example_input" in text
+    assert ("site 1 (stage2): layer2.0.bn1, layer2.0.bn2, layer2.0.downsample.1, layer2.1.bn1"
+            in text)
+    assert "placement not used: site 0 (stage1) glob" in text
     assert "applied" in repr(handle)
 
 
@@ -175,6 +257,44 @@ def test_explicit_mapping_with_string_keys_as_read_from_yaml():
     handle.remove()
     with pytest.raises(ValueError, match="name a site twice"):
         ad.apply_pattern(model, convnet_pattern(), {0: "bn1", "0": "layer1.*", 1: "x"})
+
+
+def test_site_names_of_the_placement_are_mapping_keys():
+    model, pattern = ResNet(widths=(4, 8, 8)), convnet_pattern()
+    by_name = ad.apply_pattern(model, pattern, {"stage1": ["bn1", "layer1.*.bn*"],
+                                                "stage2": "layer2.*.bn*", "2": "layer3.*.bn*"})
+    assert by_name.rule == "explicit"
+    assert by_name.assignment["layer1.1.bn2"] == 0 and by_name.assignment["layer3.0.bn1"] == 2
+    by_name.remove()
+    with pytest.raises(ValueError, match=r"keys must be site indices 0..2 or site names; the "
+                                         r"pattern has site names \[stage1, stage2, stage3\], "
+                                         r"got 'stage4'"):
+        ad.apply_pattern(model, pattern, {"stage1": "bn1", "stage2": "x", "stage4": "y"})
+    with pytest.raises(ValueError, match="name a site twice"):
+        ad.apply_pattern(model, pattern, {"stage1": "bn1", 0: "layer1.*", 1: "x", 2: "y"})
+    with pytest.raises(ValueError, match=r"per site \(index 0..2, or the site names stage1, "
+                                         r"stage2, stage3\), got keys \[0, 1\]"):
+        ad.apply_pattern(model, pattern, {"stage1": "bn1", "stage2": "layer1.*.bn1"})
+    with pytest.raises(ValueError, match=r"has no site names \(no placement\), got 'stage1'"):
+        ad.apply_pattern(model, conv_pattern(3), {"stage1": "bn1"})
+
+
+def _wide_resnet():
+    from workers.models import build_model
+
+    return build_model("wrn", depth=10, width=1, in_channels=3)
+
+
+def test_a_pattern_with_placement_goes_where_its_globs_say_unless_sites_are_given():
+    model, pattern = _wide_resnet(), convnet_pattern()
+    handle = ad.apply_pattern(model, pattern)
+    assert handle.rule == "placement" and handle.placement_unused is None
+    assert handle.assignment == {f"group{g}.0.bn{i}": g - 1 for g in (1, 2, 3) for i in (1, 2)}
+    assert "rule: the pattern's placement" in str(handle)
+    assert "site 2 (stage3): group3.0.bn1, group3.0.bn2" in str(handle)
+    handle.remove()
+    given = ad.apply_pattern(model, pattern, "group*.0.bn1")  # sites= wins
+    assert given.rule == "one-to-one" and list(given.assignment.values()) == [0, 1, 2]
 
 
 def test_vgg_maps_five_stages_and_lists_them_for_three_sites():
@@ -218,7 +338,7 @@ def test_the_example_forward_changes_nothing():
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
-# -- residual branches keep the model's function -------------------------------------------------
+# -- every model: the pattern changes nothing but training outputs ---------------------------------
 BLOCKS = {
     "basic_identity": (lambda: BasicBlock(4, 4), 4),
     "basic_downsample": (lambda: BasicBlock(4, 8, 2, downsample(4, 8, 2)), 4),
@@ -226,38 +346,84 @@ BLOCKS = {
     "bottleneck_downsample": (lambda: Bottleneck(4, 2, 2, downsample(4, 8, 2)), 4),
     "preact_identity": (lambda: PreActBlock(4, 4), 4),
     "preact_conv": (lambda: PreActBlock(4, 8, 2), 4),
+    "inverted_identity": (lambda: InvertedResidual(4, 4, 1, 2), 4),
+    "inverted_identity_no_expansion": (lambda: InvertedResidual(4, 4, 1, 1), 4),
+    "inverted_strided": (lambda: InvertedResidual(4, 6, 2, 2), 4),
 }
-MODELS = {"resnet18": ResNet, "preact": PreActResNet, **{
-    name: (lambda make=make: nn.Sequential(make())) for name, (make, _) in BLOCKS.items()}}
-
-
-def _model_input(name):
-    return images(2, BLOCKS[name][1] if name in BLOCKS else 3)
+RESIDUAL = conv_pattern(residual=True)
+# name -> (model, input, pattern, sites)
+NETWORKS = {
+    "resnet18": (ResNet, images, RESIDUAL, None),
+    "resnet50": (lambda: ResNet((2, 4, 4, 4), Bottleneck), images, RESIDUAL, None),
+    "vgg11_bn_flat_sequential": (vgg, images, RESIDUAL, None),
+    "preact": (PreActResNet, images, RESIDUAL, None),
+    "mobilenet_v2": (MobileNetV2, images, RESIDUAL, None),
+    "groupnorm": (lambda: PreActResNet(norm=group_norm), images, RESIDUAL, nn.GroupNorm),
+    "gpt": (gpt, tokens, sequence_pattern(), None),
+    "hf_gpt2": (hf_gpt2, tokens, sequence_pattern(), None),
+}
+NO_RESIDUAL = {"vgg11_bn_flat_sequential", "inverted_strided"}
+CASES = {**NETWORKS, **{
+    name: (lambda make=make: nn.Sequential(make()), lambda c=channels: images(2, c), RESIDUAL,
+           None) for name, (make, channels) in BLOCKS.items()}}
 
 
 def _hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(CASES))
 def test_eval_output_is_bit_identical_and_remove_restores_exactly(name):
-    model, x = MODELS[name]().eval(), _model_input(name)
-    keys, reference = list(model.state_dict()), model(x)
-    structure = [(n, type(m), list(m._modules)) for n, m in model.named_modules()]
-    handle = ad.apply_pattern(model, conv_pattern(residual=True))
-    assert handle.residual_blocks
-    assert list(model.state_dict()) == keys
+    make, make_input, pattern, sites = CASES[name]
+    model, x = make(), make_input()
+    snapshot = copy.deepcopy(model.state_dict())
+    text, hooks = repr(model), _hook_count(model)
+    reference, train_reference = model.eval()(x), seeded(model.train(), x)
+    model.load_state_dict(snapshot)  # the running statistics the training call moved
+    handle = ad.apply_pattern(model.eval(), pattern, sites)
+    if pattern.kind == "conv":  # the residual wiring is on for every block with a shortcut
+        assert bool(handle.residual_blocks) == (name not in NO_RESIDUAL)
+    assert list(model.state_dict()) == list(snapshot)
     assert torch.equal(model(x), reference)
-    model.train()
-    model(x)  # a training call in between leaves no state behind but the running stats
-    model.eval()
-    fresh = MODELS[name]().eval()
-    fresh.load_state_dict(model.state_dict())
-    assert torch.equal(model(x), fresh(x))
+    assert not torch.equal(seeded(model.train(), x), train_reference)  # the pattern acts
+    model.load_state_dict(snapshot)
+    assert torch.equal(model.eval()(x), reference)  # a training call leaves no state behind
     handle.remove()
-    assert _hook_count(model) == 0 and list(model.state_dict()) == keys
-    assert [(n, type(m), list(m._modules)) for n, m in model.named_modules()] == structure
-    assert torch.equal(model(x), fresh(x))
+    assert repr(model) == text and _hook_count(model) == hooks
+    assert list(model.state_dict()) == list(snapshot)
+    assert torch.equal(model(x), reference)
+    assert torch.equal(seeded(model.train(), x), train_reference)
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_bf16_autocast_trains_and_keeps_the_eval_output(name):
+    make, make_input, pattern, sites = NETWORKS[name]
+    model, x = make().eval(), make_input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(x)
+        ad.apply_pattern(model, pattern, sites)
+        assert torch.equal(model(x), reference)
+        out = model.train()(x)
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all() and out.shape == reference.shape
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "hf_gpt2"])  # one per family: a minute each
+def test_torch_compile_traces_the_patterned_model(name):
+    make, make_input, pattern, sites = NETWORKS[name]
+    model, x = make(), make_input()
+    ad.apply_pattern(model, pattern, sites)
+    # Fresh caches: the mask code's frames compiled for another model's shapes recompile
+    # with dynamic shapes, where Inductor fails on some (a sympy Relational's truth value).
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x))
 
 
 def _draw(layer, like):
@@ -269,11 +435,15 @@ def _hand_forward(block, x, layers):
 
     The last site's mask ``m`` multiplies both the last site's output and the residual branch;
     for an identity it is drawn at block entry (with the input's shape), otherwise when the
-    last site runs. Every other site masks its own output.
+    last site runs. Every other site masks its own output (all of them do in an inverted
+    residual without a shortcut).
     """
-    branch = block.shortcut if isinstance(block, PreActBlock) else block.downsample
-    last = {BasicBlock: "bn2", Bottleneck: "bn3", PreActBlock: "bn2"}[type(block)]
-    m = _draw(layers[last], x) if branch is None else None
+    if isinstance(block, InvertedResidual):
+        branch, last = None, f"conv.{len(block.conv) - 1}" if block.use_res_connect else None
+    else:
+        branch = block.shortcut if isinstance(block, PreActBlock) else block.downsample
+        last = {BasicBlock: "bn2", Bottleneck: "bn3", PreActBlock: "bn2"}[type(block)]
+    m = _draw(layers[last], x) if last is not None and branch is None else None
 
     def site(name, raw):
         nonlocal m
@@ -283,6 +453,15 @@ def _hand_forward(block, x, layers):
             m = _draw(layers[last], raw)
         return raw * m
 
+    if isinstance(block, InvertedResidual):
+        out = x
+        for index, layer in enumerate(block.conv):
+            if isinstance(layer, nn.Sequential):  # conv, BatchNorm, ReLU6
+                out = layer[2](site(f"conv.{index}.1", layer[1](layer[0](out))))
+            else:
+                out = layer(out)
+                out = site(f"conv.{index}", out) if isinstance(layer, nn.BatchNorm2d) else out
+        return x * m + out if block.use_res_connect else out
     if isinstance(block, PreActBlock):
         h = F.relu(site("bn1", block.bn1(x)))
         out = block.conv2(F.relu(site("bn2", block.bn2(block.conv1(h)))))
@@ -303,7 +482,7 @@ def test_training_multiplies_the_residual_branch_by_the_last_sites_mask(name):
     block = make().train()
     plain = copy.deepcopy(block)
     handle = ad.apply_pattern(block, conv_pattern(residual=True))
-    assert handle.residual_blocks == [""]
+    assert handle.residual_blocks == ([] if name == "inverted_strided" else [""])
     x = images(2, channels)
     torch.manual_seed(7)
     patterned = block(x)
@@ -348,3 +527,57 @@ def test_an_identity_that_cannot_be_told_apart_is_refused_in_training_only():
         model.train()(x)
     model.load_state_dict(snapshot)  # the running statistics the failed call moved
     assert torch.equal(model.eval()(x), reference)  # and no mask left behind
+
+
+# -- models without BatchNorm, and Transformers ------------------------------------------------
+def test_a_model_without_batchnorm_is_told_which_norms_it_has_and_how_to_target_them():
+    model = PreActResNet(norm=group_norm)
+    structure = repr(model)
+    with pytest.raises(ValueError) as error:
+        ad.apply_pattern(model, convnet_pattern())
+    message = str(error.value)
+    assert "no BatchNorm2d (the default conv sites), but 13 normalisation layers: GroupNorm" in message
+    assert "(stages.0.0.bn1, stages.0.0.bn2, stages.0.1.bn1, stages.0.1.bn2, ...)" in message
+    assert "sites=nn.GroupNorm, a glob of their names, or any selector" in message
+    assert repr(model) == structure and _hook_count(model) == 0
+    handle = ad.apply_pattern(model, convnet_pattern(), nn.GroupNorm, example_input=images(1))
+    assert handle.rule == "stages" and handle.assignment["bn"] == 2
+    with pytest.raises(ValueError, match="no BatchNorm2d .* and no normalisation layer; choose "
+                                         "the modules with sites="):
+        ad.apply_pattern(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), conv_pattern())
+
+
+GPT2_NAMES = {"transformer.wte", "transformer.wpe", "transformer.drop", "transformer.ln_f",
+              "lm_head", *(f"transformer.h.0.{name}" for name in (
+                  "ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "attn.attn_dropout",
+                  "attn.resid_dropout", "mlp.c_fc", "mlp.c_proj", "mlp.act", "mlp.dropout"))}
+
+
+@pytest.mark.parametrize(("make", "ffn_hidden"), [(gpt, "mlp.hidden_dropout"),
+                                                  (hf_gpt2, "mlp.act")])
+def test_sequence_defaults_find_every_sub_layer_of_both_gpt_namings(make, ffn_hidden):
+    model = make()
+    if make is hf_gpt2:
+        assert {name for name, _ in model.named_modules()} >= GPT2_NAMES
+    handle = ad.apply_pattern(model, sequence_pattern())
+    sublayers = {name: layer.sublayer for name, layer in handle.dropouts.items()}
+    assert sublayers == {"transformer.drop": "embedding", **{
+        f"transformer.h.{i}.{slot}": sublayer for i in (0, 1) for slot, sublayer in (
+            ("attn.attn_dropout", "attention_probs"), ("attn.resid_dropout", "attention_output"),
+            (ffn_hidden, "ffn_hidden"), ("mlp.dropout", "ffn_output"))}}
+    assert handle.rule == "sub-layers"
+
+
+def test_a_sub_layer_without_a_default_slot_says_what_to_pass():
+    model = hf_gpt2()
+    for block in model.transformer.h:  # the activation renamed: no default ffn_hidden slot
+        block.mlp.gelu = block.mlp.act
+        del block.mlp.act
+    with pytest.raises(ValueError) as error:
+        ad.apply_pattern(model, sequence_pattern())
+    message = str(error.value)
+    assert ("sites['ffn_hidden'] (default): no module matches the default slots "
+            "['*hidden_dropout', '*mlp.act']") in message
+    assert "pass sites={'ffn_hidden': selector}" in message and "leave ffn_hidden out" in message
+    handle = ad.apply_pattern(model, sequence_pattern(), {"ffn_hidden": "*.mlp.gelu"})
+    assert handle.dropouts["transformer.h.1.mlp.gelu"].sublayer == "ffn_hidden"

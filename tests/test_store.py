@@ -346,6 +346,34 @@ def test_export_then_import_gives_the_same_hash(store, tmp_path, suffix):
     assert store.import_file(path).id == original.id
 
 
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_an_exported_search_pattern_is_applied_where_the_search_applied_it(store, tmp_path,
+                                                                            suffix):
+    import search_spaces
+    from workers.models import build_model
+    from workers.training import site_selectors
+
+    space = search_spaces.load("convnet")
+    store.create_search("convnet-run", space.name, space.yaml_text, "fashion-mnist", "wrn")
+    searched = space.decode([1] * len(space.decisions))
+    store.record_trial("convnet-run", "t0", searched, reward=0.9)
+    path = tmp_path / f"best{suffix}"
+    store.export(searched.hash[:8], path=path)
+    exported = autodropout.load_pattern(path)
+    assert exported.hash == searched.hash and exported.space == "convnet"
+    assert [place.to_dict() for place in exported.placement] == [
+        {"name": f"stage{i}", "modules": f"group{i}.*.bn*", "map_size": [size, size]}
+        for i, size in ((1, 28), (2, 14), (3, 7))]
+    assert autodropout.load_pattern(searched.hash[:8], db=store._url).placement == (
+        exported.placement)
+    model = build_model("wrn", depth=16, width=1)
+    search_time = autodropout.apply_pattern(model, searched,
+                                            site_selectors(searched, space.site_modules))
+    applied = autodropout.apply_pattern(model, exported)
+    assert applied.rule == "placement" and applied.assignment == search_time.assignment
+    assert "bn" not in applied.assignment  # the final BatchNorm is in no stage's glob
+
+
 EDITS = [
     (lambda d: d["sites"][0].update(size_h=5), "hash: .* does not match the content"),
     (

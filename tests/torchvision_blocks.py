@@ -12,6 +12,8 @@ def conv3(cin, cout, stride=1):
 class BasicBlock(nn.Module):
     """torchvision's ``BasicBlock``."""
 
+    expansion = 1
+
     def __init__(self, inplanes, planes, stride=1, downsample=None):
         super().__init__()
         self.conv1 = conv3(inplanes, planes, stride)
@@ -60,3 +62,29 @@ class Bottleneck(nn.Module):
 
 def downsample(cin, cout, stride):
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def conv_bn_relu(cin, cout, kernel=3, stride=1, groups=1):
+    """torchvision's ``Conv2dNormActivation`` as MobileNetV2 uses it (ReLU6)."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's MobileNetV2 ``InvertedResidual``: an identity shortcut only with stride 1
+    and as many channels out as in (``use_res_connect``), and no shortcut module at all."""
+
+    def __init__(self, inp, oup, stride, expand_ratio):
+        super().__init__()
+        hidden = inp * expand_ratio
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = [conv_bn_relu(inp, hidden, kernel=1)] if expand_ratio != 1 else []
+        layers += [conv_bn_relu(hidden, hidden, stride=stride, groups=hidden),
+                   nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)

@@ -239,9 +239,10 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
         ]
     )
     print(f"\nsites ({len(pattern.sites)}):")
-    for index, site in enumerate(pattern.sites):
+    places = pattern.placement or (None,) * len(pattern.sites)
+    for index, (site, place) in enumerate(zip(pattern.sites, places)):
         values = " ".join(f"{name}={value_text(value)}" for name, value in site.items())
-        print(f"  [{index}] {values}")
+        print(f"  [{index}] {_place_text(place)}{values}")
     trials = summary["trials"]
     print(f"\nprovenance ({len(trials)} trial{'s' if len(trials) != 1 else ''}):")
     if trials:
@@ -273,6 +274,15 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
         right=("SEEDS", "MEAN", "STD"),
         indent="  ",
     )
+
+
+def _place_text(place: Any) -> str:
+    """``stage1 on group1.*.bn* (28x28): `` for a site's placement, ``""`` without one."""
+    if place is None:
+        return ""
+    where = f" on {place.modules}" if place.modules else ""
+    size = f" ({place.map_size[0]}x{place.map_size[1]})" if place.map_size else ""
+    return f"{place.name}{where}{size}: "
 
 
 def _pattern_first(item: tuple[tuple[str, ...], list[float]]) -> tuple:

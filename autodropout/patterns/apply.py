@@ -17,15 +17,23 @@ gives a patterned copy whose hooks drive the copy's layers. Module names startin
 Sites (``sites=``): a selector is a module-name glob (``fnmatch`` against
 ``named_modules()`` names), an ``nn.Module`` subclass, or a list of them (their union;
 each must match something). Defaults: conv patterns hook every ``nn.BatchNorm2d`` (the
-paper's placement); sequence patterns hook the dropout slots of
-:data:`SEQUENCE_DEFAULT_SITES` (nanoGPT and Hugging Face GPT-2 names), and a sequence
-``sites`` is a mapping from sub-layer to selector that overrides those defaults. A hooked
-``nn.Dropout`` keeps its own ``p`` and the pattern acts on its output: build the model with
-``dropout=0`` for the pattern alone.
+paper's placement; a model without one is a ``ValueError`` naming the normalisation
+layers it has, modules whose type name holds ``Norm``, and how to target them); sequence
+patterns hook the dropout slots of :data:`SEQUENCE_DEFAULT_SITES` (the project's GPT,
+nanoGPT and Hugging Face GPT-2 names; a sub-layer none of whose defaults matches is a
+``ValueError`` saying what to pass), and a sequence ``sites`` is a mapping from sub-layer
+to selector that overrides those defaults. A hooked ``nn.Dropout`` keeps its own ``p`` and
+the pattern acts on its output: build the model with ``dropout=0`` for the pattern alone.
 
-Sites to modules, with ``M`` the matched modules in ``named_modules()`` order and ``k`` the
-pattern's sites:
+Sites to modules (``handle.rule`` names the rule used, one of :data:`RULES`), with ``M``
+the matched modules in ``named_modules()`` order and ``k`` the pattern's sites:
 
+* conv, by placement (``sites=None``): a pattern whose ``placement`` gives every site a
+  ``modules`` glob (an exported search result does, when its space's sites name modules)
+  puts site ``i`` on every module glob ``i`` matches, exactly as the search did, provided
+  every glob matches a module of this model. Otherwise (some site has no glob, or a glob
+  matches nothing) the default mapping below is used and ``handle.placement_unused`` says
+  why. Sequence patterns never use ``modules`` globs.
 * conv, one to one: with ``k == len(M)`` site ``i`` goes to ``M[i]``; a single site is
   shared by every module (each gets its own layer, so masks are drawn independently).
 * conv, by stages: otherwise, given ``example_input=``, the model runs once on it (eval
@@ -34,23 +42,27 @@ pattern's sites:
   have the same spatial size. With ``k`` stages, stage ``i`` gets site ``i``; with another
   number the ``ValueError`` lists the stages found (module names and map sizes). Without
   ``example_input`` a count mismatch is a ``ValueError`` naming the ways to choose.
-* conv, explicit: ``sites`` may map each site index to its own selector
+* conv, explicit: ``sites`` may map each site to its own selector
   (``{0: "group1.*.bn*", 1: "group2.*.bn*"}``): site ``i`` goes to every module selector
-  ``i`` matches, as a search space's per-site ``modules:`` globs say. Keys may be ints or
-  digit strings (``{"0": ...}``, as read from YAML or JSON).
+  ``i`` matches, as a search space's per-site ``modules:`` globs say. Keys may be ints,
+  digit strings (``{"0": ...}``, as read from YAML or JSON) or the site names of the
+  pattern's placement (``{"stage1": "layer1.*.bn*", ...}``). An explicit ``sites`` always
+  wins over the placement.
 * sequence: the same one-to-one/shared rule per sub-layer, between the sites whose
   ``apply_to`` holds the sub-layer (in pattern order) and the modules matched for it. So
   one site per block works (``n_layers`` sites with the same ``apply_to``), as does one
   site for the whole network. Sub-layers no site names are left alone.
 
 The result is ``handle.assignment`` (hooked module name -> site index); ``str(handle)``
-prints it by site.
+prints it by site (with the sites' names, where the placement has them) and the rule.
 
 Residual branch (conv sites with ``residual=True``): a residual block is a module exposing
 its residual branch as the attribute ``residual_site``, ``shortcut`` or ``downsample``
 (the first present; torchvision's ``BasicBlock``/``Bottleneck`` and :class:`WideResNet`
-blocks qualify), a module or ``None`` for the identity. The block's *last* hooked site
-outside that branch (``bn2``/``bn3`` for torchvision; ``bn2`` of a pre-activation block,
+blocks qualify), a module or ``None`` for the identity; or a module whose
+:data:`IDENTITY_FLAG` ``use_res_connect`` is ``True`` (torchvision's MobileNetV2
+``InvertedResidual``, which has an identity shortcut then and none when ``False``). The
+block's *last* hooked site outside that branch (``bn2``/``bn3`` for torchvision; ``bn2`` of a pre-activation block,
 whose output has the shape of the block output) draws one mask per block call, and the
 same mask multiplies the residual branch's output. A module branch gets a forward hook.
 A ``None`` branch is never replaced (that could change the block's code path, and so
@@ -83,13 +95,27 @@ from .pattern import Pattern
 
 PREFIX = "autodropout_"
 RESIDUAL_SLOTS = ("residual_site", "shortcut", "downsample")
+IDENTITY_FLAG = "use_res_connect"
+"""torchvision's ``InvertedResidual`` (MobileNetV2) flag: ``True`` adds an identity shortcut."""
 SEQUENCE_DEFAULT_SITES: dict[str, tuple[str, ...]] = {
     "embedding": ("drop", "*.drop"),
     "attention_probs": ("*attn_dropout",),
     "attention_output": ("*resid_dropout",),
-    "ffn_hidden": ("*hidden_dropout",),
+    "ffn_hidden": ("*hidden_dropout", "*mlp.act"),
     "ffn_output": ("*mlp.dropout",),
 }
+"""Per sub-layer, globs tried in order (the first that matches a module is used): the
+project's GPT and nanoGPT name every dropout slot; Hugging Face GPT-2 has no dropout on the
+FFN hidden activation, whose module there is ``mlp.act``."""
+RULES = {
+    "placement": "the pattern's placement (site i on the modules its modules glob matches)",
+    "explicit": "the sites mapping (site i on the modules its selector matches)",
+    "one-to-one": "one site per matched module, in order",
+    "shared": "one site shared by every matched module",
+    "stages": "stages on example_input (site i on stage i)",
+    "sub-layers": "sub-layers (each site on the modules of its apply_to)",
+}
+"""The ways sites are mapped to modules (``handle.rule``), as ``str(handle)`` names them."""
 Selector = str | type | Sequence[str | type]
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks")
 _HOOK_FLAG_TABLES = (
@@ -110,14 +136,20 @@ class PatternHandle:
 
     def __init__(self, model: nn.Module, pattern: Pattern, key: str,
                  dropouts: dict[str, PatternDropout], residual_blocks: list[str],
-                 assignment: dict[str, int] | None = None) -> None:
+                 assignment: dict[str, int], rule: str,
+                 placement_unused: str | None = None) -> None:
         self.model = model
         self.pattern = pattern
         self.key = key
         self.dropouts = dropouts
         self.residual_blocks = residual_blocks
-        self.assignment: dict[str, int] = dict(assignment or {})
+        self.assignment: dict[str, int] = dict(assignment)
         """Hooked module name -> index of the pattern site it got."""
+        self.rule = rule
+        """How sites were mapped to modules: one of :data:`RULES`."""
+        self.placement_unused = placement_unused
+        """Why the pattern's placement globs were not used (None: used, absent, or
+        ``sites=`` given)."""
         self._first_site = model.get_submodule(next(iter(dropouts)))
 
     @property
@@ -147,10 +179,13 @@ class PatternHandle:
     def __str__(self) -> str:
         state = "applied" if self.applied else "removed"
         lines = [f"{self.pattern.kind} pattern, {len(self.pattern)} sites -> "
-                 f"{len(self.assignment)} modules ({state})"]
-        for index in range(len(self.pattern)):
+                 f"{len(self.assignment)} modules ({state})", f"  rule: {RULES[self.rule]}"]
+        if self.placement_unused:
+            lines.append(f"  placement not used: {self.placement_unused}")
+        labels = [f" ({name})" for name in _site_names(self.pattern)] or [""] * len(self.pattern)
+        for index, label in enumerate(labels):
             names = [name for name, i in self.assignment.items() if i == index]
-            lines.append(f"  site {index}: {', '.join(names) if names else '(no module)'}")
+            lines.append(f"  site {index}{label}: {', '.join(names) if names else '(no module)'}")
         if self.residual_blocks:
             lines.append(f"  residual blocks: {', '.join(self.residual_blocks)}")
         return "\n".join(lines)
@@ -163,7 +198,9 @@ def apply_pattern(model: nn.Module, pattern: Pattern,
 
     ``example_input`` (a tensor, or a tuple of positional arguments) lets a conv pattern
     whose site count differs from the matched modules map its sites to the model's
-    stages: one eval-mode forward on it groups the matched modules by output size. Returns
+    stages: one eval-mode forward on it groups the matched modules by output size. Without
+    ``sites``, a conv pattern whose placement names its sites' modules (an exported search
+    result) goes where those globs say when each matches a module of ``model``. Returns
     a :class:`PatternHandle` whose ``remove()`` restores the model exactly and whose
     ``assignment`` says which site each module got.
     """
@@ -172,16 +209,11 @@ def apply_pattern(model: nn.Module, pattern: Pattern,
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern must be an autodropout Pattern, got {type(pattern).__name__}")
     candidates = _candidates(model)
-    if pattern.kind == CONV and isinstance(sites, Mapping):
-        assignment = _assign_conv_per_site(candidates, pattern, sites)
-    elif pattern.kind == CONV:
-        chosen = _select(candidates, nn.BatchNorm2d if sites is None else sites)
-        if len(pattern) in (1, len(chosen)) or example_input is None:
-            spread = _spread(len(pattern), chosen, "sites", conv_hint=True)
-        else:
-            spread = _by_stages(model, chosen, len(pattern), example_input)
-        assignment = [(name, module, i, None) for (name, module), i in zip(chosen, spread)]
+    if pattern.kind == CONV:
+        rule, assignment, placement_unused = _assign_conv(model, candidates, pattern, sites,
+                                                          example_input)
     else:
+        rule, placement_unused = "sub-layers", None
         assignment = _assign_sequence(candidates, pattern, sites)
 
     key = next(str(i) for i in itertools.count() if not _holds_key(model, str(i)))
@@ -195,7 +227,8 @@ def apply_pattern(model: nn.Module, pattern: Pattern,
         module.register_forward_hook(hooks[name])
     residual_blocks = _wire_residuals(model, key, dropouts, hooks) if pattern.kind == CONV else []
     return PatternHandle(model, pattern, key, dropouts, residual_blocks,
-                         {name: index for name, _, index, _ in assignment})
+                         {name: index for name, _, index, _ in assignment}, rule,
+                         placement_unused)
 
 
 def strip_pattern(model: nn.Module) -> int:
@@ -213,7 +246,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _select(candidates: list[tuple[str, nn.Module]], selector: Selector,
-            where: str = "sites", each_must_match: bool = True) -> list[tuple[str, nn.Module]]:
+            where: str = "sites") -> list[tuple[str, nn.Module]]:
     items = [selector] if isinstance(selector, (str, type)) else selector
     if not isinstance(items, Sequence) or not items:
         raise ValueError(f"{where} must be a glob, an nn.Module type or a non-empty list of them, "
@@ -223,11 +256,9 @@ def _select(candidates: list[tuple[str, nn.Module]], selector: Selector,
                                               and issubclass(item, nn.Module)):
             raise ValueError(f"{where} must hold module-name globs or nn.Module types, "
                              f"got {item!r}")
-        if each_must_match and not any(_matches(item, *pair) for pair in candidates):
+        if not any(_matches(item, *pair) for pair in candidates):
             raise ValueError(f"{where}: selector {_describe(item)} matches no module")
     chosen = [pair for pair in candidates if any(_matches(item, *pair) for item in items)]
-    if not chosen:
-        raise ValueError(f"{where}: selector {_describe(selector)} matches no module")
     for name, module in chosen:
         if isinstance(module, _CONTAINERS):
             raise ValueError(f"{where}: {name} is a {type(module).__name__}, which runs (or "
@@ -249,6 +280,69 @@ def _describe(selector: Any) -> str:
     return "[" + ", ".join(_describe(item) for item in selector) + "]"
 
 
+def _assign_conv(model: nn.Module, candidates, pattern: Pattern, sites: Any,
+                 example_input: Any) -> tuple[str, list[tuple], str | None]:
+    """The rule used, the assignment, and why the pattern's placement went unused (if so)."""
+    if isinstance(sites, Mapping):
+        return "explicit", _assign_conv_per_site(candidates, pattern, sites), None
+    unused = None
+    if sites is None:
+        globs, unused = _placement_globs(candidates, pattern)
+        if globs is not None:
+            assignment = _assign_conv_per_site(candidates, pattern, globs, "placement")
+            return "placement", assignment, None
+    chosen = _default_conv_sites(candidates) if sites is None else _select(candidates, sites)
+    if len(pattern) in (1, len(chosen)) or example_input is None:
+        spread = _spread(len(pattern), chosen, "sites", conv_hint=True)
+        rule = "one-to-one" if len(pattern) == len(chosen) else "shared"
+    else:
+        spread, rule = _by_stages(model, chosen, len(pattern), example_input), "stages"
+    return rule, [(name, module, i, None) for (name, module), i in zip(chosen, spread)], unused
+
+
+def _placement_globs(candidates, pattern: Pattern) -> tuple[dict[int, str] | None, str | None]:
+    """The placement's glob per site when every one matches a module, else why not (no
+    reason when the placement names no modules)."""
+    places = pattern.placement or ()
+    if not any(place.modules for place in places):
+        return None, None
+    for index, place in enumerate(places):
+        if place.modules is None:
+            return None, f"site {index} ({place.name}) has no modules glob"
+        if not any(_matches(place.modules, *pair) for pair in candidates):
+            return None, f"site {index} ({place.name}) glob {place.modules!r} matches no module"
+    return {index: place.modules for index, place in enumerate(places)}, None
+
+
+def _default_conv_sites(candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Every ``nn.BatchNorm2d``; without one, an error naming the normalisation layers."""
+    if any(isinstance(module, nn.BatchNorm2d) for _, module in candidates):
+        return _select(candidates, nn.BatchNorm2d)
+    norms = [(name, type(module)) for name, module in candidates
+             if "Norm" in type(module).__name__]
+    choose = "(a module-name glob, an nn.Module type or a list of them)"
+    if not norms:
+        raise ValueError("sites: the model has no BatchNorm2d (the default conv sites) and no "
+                         f"normalisation layer; choose the modules with sites= {choose}")
+    types = list(dict.fromkeys(kind for _, kind in norms))
+    raise ValueError(
+        f"sites: the model has no BatchNorm2d (the default conv sites), but {len(norms)} "
+        f"normalisation layers: {', '.join(kind.__name__ for kind in types)} "
+        f"({_shown([name for name, _ in norms])}); target them with "
+        f"sites={_qualified(types[0])}, a glob of their names, or any selector {choose}"
+    )
+
+
+def _qualified(kind: type) -> str:
+    """``nn.GroupNorm`` for a ``torch.nn`` type, else the class name."""
+    return f"nn.{kind.__name__}" if getattr(nn, kind.__name__, None) is kind else kind.__name__
+
+
+def _shown(names: Sequence[str]) -> str:
+    """The first few ``names``, then ``...`` if there are more."""
+    return ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
+
+
 def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str,
             conv_hint: bool = False) -> list[int]:
     """Site index per chosen module: one each, or the single site for all."""
@@ -257,9 +351,9 @@ def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str,
     if n_sites == 1:
         return [0] * len(chosen)
     names = [name for name, _ in chosen]
-    shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
     raise ValueError(
-        f"{where}: the pattern has {n_sites} sites but {len(names)} modules matched ({shown}); "
+        f"{where}: the pattern has {n_sites} sites but {len(names)} modules matched "
+        f"({_shown(names)}); "
         f"give one site per matched module or a single site to share"
         + (f", map each site to its own modules (sites={{0: \"layer1.*.bn*\", 1: ...}}, "
            f"indices 0..{n_sites - 1}), or pass example_input= to map the sites to the "
@@ -295,8 +389,8 @@ def _by_stages(model: nn.Module, chosen: list[tuple[str, nn.Module]], n_sites: i
             module.training = training
     unused = [name for name, _ in chosen if name not in sizes]
     if unused:
-        raise ValueError(f"sites: {', '.join(unused[:_SHOWN_NAMES])} matched but did not run "
-                         "on example_input, so they belong to no stage")
+        raise ValueError(f"sites: {_shown(unused)} matched but did not run on example_input, "
+                         "so they belong to no stage")
     stages: list[list[str]] = []
     for name in order:
         if stages and sizes[stages[-1][-1]] == sizes[name]:
@@ -306,8 +400,7 @@ def _by_stages(model: nn.Module, chosen: list[tuple[str, nn.Module]], n_sites: i
     if len(stages) != n_sites:
         found = "; ".join(
             f"stage {i} ({'x'.join(map(str, sizes[names[0]])) or 'no map'}, "
-            f"{len(names)} modules): " + ", ".join(names[:_SHOWN_NAMES])
-            + (", ..." if len(names) > _SHOWN_NAMES else "")
+            f"{len(names)} modules): {_shown(names)}"
             for i, names in enumerate(stages))
         raise ValueError(
             f"sites: the pattern has {n_sites} sites but {len(chosen)} modules matched in "
@@ -320,27 +413,43 @@ def _by_stages(model: nn.Module, chosen: list[tuple[str, nn.Module]], n_sites: i
     return [stage_of[name] for name, _ in chosen]
 
 
-def _site_index(key: Any) -> Any:
-    """A mapping key as a site index: ints, and digit strings as read from YAML or JSON."""
+def _site_index(key: Any, pattern: Pattern) -> Any:
+    """A mapping key as a site index: ints, digit strings (as read from YAML or JSON) and
+    the site names of the pattern's placement."""
     if isinstance(key, str) and key.strip().isdigit():
         return int(key)
-    return key
+    if not isinstance(key, str):
+        return key
+    names = _site_names(pattern)
+    if key not in names:
+        known = f"site names [{', '.join(names)}]" if names else "no site names (no placement)"
+        raise ValueError(f"sites: keys must be site indices 0..{len(pattern) - 1} or site "
+                         f"names; the pattern has {known}, got {key!r}")
+    return names.index(key)
 
 
-def _assign_conv_per_site(candidates, pattern: Pattern, sites: Mapping) -> list[tuple]:
-    indices = [_site_index(key) for key in sites]
+def _site_names(pattern: Pattern) -> list[str]:
+    return [place.name for place in pattern.placement or ()]
+
+
+def _assign_conv_per_site(candidates, pattern: Pattern, sites: Mapping,
+                          where: str = "sites") -> list[tuple]:
+    indices = [_site_index(key, pattern) for key in sites]
     if len(set(indices)) != len(indices):
-        raise ValueError(f"sites: keys {sorted(sites, key=repr)} name a site twice")
+        raise ValueError(f"{where}: keys {sorted(sites, key=repr)} name a site twice")
     sites = dict(zip(indices, sites.values()))
     if set(sites) != set(range(len(pattern))):
-        raise ValueError(f"sites: a mapping for a conv pattern needs one selector per site "
-                         f"index 0..{len(pattern) - 1}, got keys {sorted(sites, key=repr)}")
+        names = ", ".join(_site_names(pattern))
+        also = f", or the site names {names}" if names else ""
+        raise ValueError(f"{where}: a mapping for a conv pattern needs one selector per site "
+                         f"(index 0..{len(pattern) - 1}{also}), got keys "
+                         f"{sorted(sites, key=repr)}")
     owner: dict[str, int] = {}
     for index in range(len(pattern)):
-        for name, _ in _select(candidates, sites[index], f"sites[{index}]"):
+        for name, _ in _select(candidates, sites[index], f"{where}[{index}]"):
             if name in owner:
-                raise ValueError(f"sites: module {name} is selected by both site {owner[name]} "
-                                 f"and site {index}")
+                raise ValueError(f"{where}: module {name} is selected by both site "
+                                 f"{owner[name]} and site {index}")
             owner[name] = index
     return [(name, module, owner[name], None) for name, module in candidates if name in owner]
 
@@ -361,8 +470,7 @@ def _assign_sequence(candidates, pattern: Pattern, sites: Any) -> list[tuple]:
         if sublayer in overrides:
             chosen = _select(candidates, overrides[sublayer], f"sites[{sublayer!r}]")
         else:
-            chosen = _select(candidates, SEQUENCE_DEFAULT_SITES[sublayer],
-                             f"sites[{sublayer!r}] (default)", each_must_match=False)
+            chosen = _default_sequence_sites(candidates, sublayer)
         spread = _spread(len(indices), chosen, f"sites[{sublayer!r}]")
         for (name, module), j in zip(chosen, spread):
             if name in owner:
@@ -372,6 +480,21 @@ def _assign_sequence(candidates, pattern: Pattern, sites: Any) -> list[tuple]:
             assignment.append((name, module, indices[j], sublayer))
     order = {name: i for i, (name, _) in enumerate(candidates)}
     return sorted(assignment, key=lambda entry: order[entry[0]])
+
+
+def _default_sequence_sites(candidates, sublayer: str) -> list[tuple[str, nn.Module]]:
+    """The modules of the first of ``sublayer``'s default globs that matches any."""
+    where = f"sites[{sublayer!r}] (default)"
+    for glob in SEQUENCE_DEFAULT_SITES[sublayer]:
+        if any(_matches(glob, *pair) for pair in candidates):
+            return _select(candidates, glob, where)
+    raise ValueError(
+        f"{where}: no module matches the default slots "
+        f"{_describe(list(SEQUENCE_DEFAULT_SITES[sublayer]))}; pass sites={{{sublayer!r}: "
+        f"selector}} with a selector of the modules whose output is the {sublayer} "
+        f"activation (a module-name glob, an nn.Module type or a list of them), or leave "
+        f"{sublayer} out of the pattern's apply_to"
+    )
 
 
 # -- wiring -------------------------------------------------------------------------------------
@@ -401,7 +524,8 @@ def _wire_residuals(model: nn.Module, key: str, dropouts: dict[str, PatternDropo
         hooks[site_name].shared = shared
         block.register_forward_pre_hook(shared)
         block.register_forward_hook(shared)
-        branch = getattr(block, _slot_name(block))
+        slot = _slot_name(block)
+        branch = None if slot == IDENTITY_FLAG else getattr(block, slot)
         if branch is not None:
             branch.register_forward_hook(_MaskHook(key, dropout, shared))
         else:  # the identity: mask the block's input for the addition, not for the main branch
@@ -426,11 +550,12 @@ def _enclosing_block(model: nn.Module, name: str) -> str | None:
 
 
 def _slot_name(module: nn.Module) -> str | None:
+    """The attribute that makes ``module`` a residual block, if any."""
     for slot in RESIDUAL_SLOTS:
         value = getattr(module, slot, _ABSENT)
         if value is None or isinstance(value, nn.Module):
             return slot
-    return None
+    return IDENTITY_FLAG if getattr(module, IDENTITY_FLAG, None) is True else None
 
 
 class _PatternHook:
@@ -486,7 +611,7 @@ class _SharedMask(_PatternHook):
         if self.mask is None:
             # The layer applied to ones is exactly its rescaled keep mask.
             self.mask = self.dropout(torch.ones_like(output))
-        return _fit(self.mask, output.shape)
+        return _fit(self.mask, output.shape).to(output.dtype)
 
 
 def _fit(mask: Tensor, shape: torch.Size) -> Tensor:

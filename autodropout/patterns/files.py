@@ -2,7 +2,10 @@
 
 An exported pattern file is the pattern's own JSON/YAML form plus a ``hash`` field: the
 SHA-256 of its content, checked on reading so that a corrupted or hand-edited file is
-refused (files written by hand, without ``hash``, are read as plain patterns). Nothing here
+refused (files written by hand, without ``hash``, are read as plain patterns). A pattern a
+search found carries its space's ``placement`` (site names, module globs, map sizes: format
+``autodropout.pattern/2``, see :mod:`~autodropout.patterns.pattern`), outside the hash like
+``space``, so the file applies as searched. Nothing here
 imports torch or a database: the store and the CLI read and write files through it.
 """
 
