@@ -13,12 +13,13 @@ early-stopped trial's score is for a shorter budget and is not a candidate).
 
 Sizes (our choice, for this 2-core machine, two trials at a time with one CPU each):
 
-* default: the ``convnet`` space on Fashion-MNIST from ``../shared/data`` (``--data-dir``),
-  2,000 training and 1,000 validation images, 9 epochs, ASHA grace 1 epoch and reduction 3
-  (rungs at epochs 1 and 3, max_t 9); 8 full-budget trials against 24 ASHA trials, seed 0.
-  A WRN-10-2 epoch at this size takes about 15 CPU-seconds here, so the full-budget search
-  needs about 0.3 CPU-hours and ASHA (about 2.3 epochs a trial) about the same: some
-  20 minutes of wall time in all, under 30;
+* default: the ``convnet`` space's own budget on Fashion-MNIST from ``../shared/data``
+  (``--data-dir``): the proxy the regime study chose (``benchmarks/reports/regime``: WRN-10-1,
+  1,000 training and 5,000 validation images, 40 epochs, validation after the last epoch and
+  at ASHA's rungs), ASHA grace 4 epochs and reduction 3 (rungs at epochs 4, 12 and 36,
+  max_t 40); 16 full-budget trials against 60 ASHA trials, seed 0. A full trial takes about
+  0.5 CPU-minutes here and an ASHA trial (about 9.5 epochs) about a quarter of that, so each
+  search needs about 0.2 CPU-hours: some 15 minutes of wall time in all;
 * ``--quick``: the ``tiny`` space on the synthetic dataset, 128 training images, 3 epochs,
   grace 1 and reduction 2 (rungs 1 and 2), 4 against 6 trials: under a minute after Ray
   starts. It checks the pipeline; its numbers mean nothing.
@@ -56,8 +57,8 @@ class Sizes:
     seed: int = 0
 
 
-DEFAULT = Sizes("convnet", "fashion-mnist", epochs=9, train_examples=2000, full_trials=8,
-                asha_trials=24, grace=1, reduction=3.0)
+DEFAULT = Sizes("convnet", "fashion-mnist", epochs=40, train_examples=1000, full_trials=16,
+                asha_trials=60, grace=4, reduction=3.0)
 QUICK = Sizes("tiny", "synthetic", epochs=3, train_examples=128, full_trials=4, asha_trials=6,
               grace=1, reduction=2.0)
 MARKS = (0.25, 0.5, 0.75, 1.0)

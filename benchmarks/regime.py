@@ -68,20 +68,23 @@ class Proxy:
 
 IMAGE_PROXIES = (
     Proxy("n1k-e40", "1,000 examples, 40 epochs, batch 32",
-          {"train_examples": 1000, "epochs": 40, "batch_size": 32, "augment": "none"}),
+          {"train_examples": 1000, "epochs": 40, "batch_size": 32, "augment": "none"},
+          {"width": 2}),
     Proxy("n1k-e40-aug", "1,000 examples, 40 epochs, batch 32, crop+flip",
-          {"train_examples": 1000, "epochs": 40, "batch_size": 32, "augment": "crop-flip"}),
+          {"train_examples": 1000, "epochs": 40, "batch_size": 32, "augment": "crop-flip"},
+          {"width": 2}),
     Proxy("n1k-e40-w1", "1,000 examples, 40 epochs, batch 32, WRN-10-1",
           {"train_examples": 1000, "epochs": 40, "batch_size": 32, "augment": "none"},
           {"width": 1}),
     Proxy("n2k-e20", "2,000 examples, 20 epochs, batch 32",
-          {"train_examples": 2000, "epochs": 20, "batch_size": 32, "augment": "none"}),
+          {"train_examples": 2000, "epochs": 20, "batch_size": 32, "augment": "none"},
+          {"width": 2}),
 )
 IMAGE_GRID = ("none", "dropout:0.1", "dropout:0.2", "spatial:0.05", "spatial:0.1",
               "dropblock:0.05:3", "dropblock:0.1:3")
 TEXT_PROXIES = (
     Proxy("t100k-e4", "100,000 tokens, 4 epochs", {"train_examples": 100_000, "epochs": 4}),
-    Proxy("t300k-e2", "300,000 tokens, 2 epochs", {"train_examples": 300_000, "epochs": 2}),
+    Proxy("t50k-e10", "50,000 tokens, 10 epochs", {"train_examples": 50_000, "epochs": 10}),
 )
 TEXT_GRID = ("none", "dropout:0.1", "dropout:0.2", "dropout:0.3")
 QUICK_IMAGE = (Proxy("toy", "toy: 256 examples, 1 epoch",
@@ -213,7 +216,8 @@ def run_job(job: Job) -> dict[str, Any]:
         apply_baseline(model, parse_regularizer(job.regularizer))
     last = train_child(model, pattern, sites, holdout, budget, "cpu", job.seed)
     result = {"key": job.key, "task": job.task, "proxy": asdict(job.proxy),
-              "regularizer": job.regularizer, "seed": job.seed, **_scalars(last)}
+              "regularizer": job.regularizer, "seed": job.seed,
+              "parameters": sum(p.numel() for p in model.parameters()), **_scalars(last)}
     result["train_fit"] = _scalars(evaluate_child(model, training_fit(holdout), budget))
     if job.task != "text":
         recalibrate_child(model, holdout, budget)

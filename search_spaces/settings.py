@@ -69,6 +69,8 @@ def _table(*settings: Setting) -> dict[str, Setting]:
 
 BUDGET_SETTINGS = _table(
     Setting("model", "str", "child model: wrn (images) or gpt (text)"),
+    Setting("width", "int", "widening factor k of the WRN-10-k child (wrn only; default 2)",
+            low=1),
     Setting("dataset", "str", "dataset the space is meant for"),
     Setting("epochs", "int", "epochs per trial", low=1),
     Setting("train_examples", "int", "training examples (images) or tokens (text) per trial", low=1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from autodropout.patterns import Pattern
@@ -77,8 +78,9 @@ class SearchSpace:
 
         return within(self, pattern)
 
-    @property
+    @cached_property
     def decisions(self) -> tuple[Decision, ...]:
+        """The site fields with more than one choice, in decoding order (computed once)."""
         return tuple(
             Decision(index, f.name, site.choices[f.name])
             for index, site in enumerate(self.sites)
@@ -111,7 +113,7 @@ class SearchSpace:
     def site_modules(self) -> tuple[str | None, ...]:
         return tuple(site.modules for site in self.sites)
 
-    @property
+    @cached_property
     def placement(self) -> tuple[SitePlacement, ...]:
         """Each site's name, ``modules`` glob and ``map_size`` (else the space's): what the
         patterns :meth:`decode` gives carry, so an exported one is applied as searched."""

@@ -280,13 +280,18 @@ def growing_trainable(config):
     from ray import tune
 
     for epoch in range(1, MAX_T + 1):
-        tune.report({"epoch": epoch, "reward": growing_reward(config["tokens"], epoch),
-                     "final": epoch == MAX_T})
+        if epoch in config["validate_at"] or epoch == MAX_T:
+            tune.report({"epoch": epoch, "reward": growing_reward(config["tokens"], epoch),
+                         "final": epoch == MAX_T})
 
 
 @pytest.mark.ray
 @pytest.mark.slow  # 10 sequential trials: about 10 s on a busy 2-core machine
-def test_under_rays_asha_updates_follow_the_rung_rule(ray_session, tmp_path):
+@pytest.mark.parametrize("validate_at", [range(1, MAX_T), (1, 2)], ids=["every-epoch", "rungs"])
+def test_under_rays_asha_updates_follow_the_rung_rule(ray_session, tmp_path, validate_at):
+    """Timed by the reported ``epoch``, as the search times trials, ASHA compares trials at
+    the same rungs whether a trial validates every epoch or only at the rungs (a budget's
+    ``eval_every`` with the rungs added, as the trainable does)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -294,17 +299,17 @@ def test_under_rays_asha_updates_follow_the_rung_rule(ray_session, tmp_path):
     rungs = asha_rungs(1, 2, MAX_T)
     assert rungs == (1, 2)
     searcher = PatternSearcher(Recording(TINY, seed=0), metric="reward", mode="max",
-                               rungs=rungs)
-    scheduler = ASHAScheduler(metric="reward", mode="max", max_t=MAX_T, grace_period=1,
-                              reduction_factor=2)
+                               rungs=rungs, time_attr="epoch")
+    scheduler = ASHAScheduler(time_attr="epoch", metric="reward", mode="max", max_t=MAX_T,
+                              grace_period=1, reduction_factor=2)
     grid = tune.Tuner(
-        growing_trainable, param_space={"seed": 0},
+        growing_trainable, param_space={"seed": 0, "validate_at": list(validate_at)},
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=1),
                                     scheduler=scheduler, num_samples=10),
         run_config=tune.RunConfig(name="asha", storage_path=str(tmp_path), verbose=0),
     ).fit()
     assert len(grid) == 10 and not grid.errors
-    reached = [result.metrics["training_iteration"] for result in grid]
+    reached = [result.metrics["epoch"] for result in grid]
     completed = sum(last == MAX_T for last in reached)
     assert 0 < completed < 10, "ASHA stopped no trial (or all): the test would prove nothing"
     controller = searcher.controller

@@ -191,10 +191,11 @@ def test_scheduler_settings_are_stored_and_a_resume_keeps_them(tmp_path, monkeyp
     assert {key: stored[key] for key in stored if "asha" in key or key == "scheduler"} == {
         "scheduler": "asha", "asha_grace": 1, "asha_reduction": 3.0, "asha_max_t": 9,
         "asha_rungs": [1, 3]}
-    assert built["searcher"].rungs == (1, 3)
+    assert (built["searcher"].rungs, built["searcher"].time_attr) == ((1, 3), "epoch")
     scheduler = built["scheduler"]
     assert type(scheduler).__name__ == "AsyncHyperBandScheduler"
-    assert (scheduler._max_t, scheduler._reduction_factor) == (9, 3.0)
+    assert (scheduler._max_t, scheduler._reduction_factor, scheduler._time_attr) == \
+        (9, 3.0, "epoch")
     assert [milestone for milestone, _ in scheduler._brackets[0]._rungs][-1] == 1  # grace
     space = search_spaces.load("tiny")
     resumed = SearchOptions(resume="multi")

@@ -97,6 +97,12 @@ def test_build_child_shapes_the_model_from_the_dataset():
     assert (model.fc.out_features, model.conv.in_channels) == (10, 1)
     with pytest.raises(ValueError, match="model 'wrn' needs a image dataset"):
         build_child(budget, load_dataset("synthetic-text"), seed=0, model_args={})
+    assert build_child(Budget.from_mapping(budget.__dict__, width=3), load_dataset("synthetic"),
+                       seed=0).width == 3
+    with pytest.raises(ValueError, match="budget: width is the widening factor of a wrn child"):
+        build_child(Budget.from_mapping(search_spaces.load("transformer").budget, width=2,
+                                        dataset="synthetic-text"),
+                    load_dataset("synthetic-text"), seed=0)
     with pytest.raises(ValueError, match=r"budget: model must be one of \[wrn, gpt\], got 'vgg'"):
         build_child(Budget.from_mapping(budget.__dict__, model="vgg"), load_dataset("synthetic"),
                     seed=0, model_args={})

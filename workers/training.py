@@ -77,6 +77,8 @@ class Budget:
     recalibrate_bn: bool = False
     """Re-estimate BatchNorm statistics with every mask off before the final validation
     (:mod:`workers.recalibrate`)."""
+    width: int | None = None
+    """The widening factor ``k`` of a ``wrn`` child (WRN-10-k; None: the model's default, 2)."""
     eval_every: int = 1
     """Validate after every ``eval_every``-th epoch and after the last (Keras's
     ``validation_freq``); validation on 5,000 images costs about as much as a training epoch
@@ -92,8 +94,10 @@ class Budget:
         missing = [f.name for f in fields(cls) if f.name not in merged and f.default is MISSING]
         if missing:
             raise ValueError(f"budget: {missing[0]} is missing")
+        optional = {f.name for f in fields(cls) if f.default is None}
         for name, value in merged.items():
-            BUDGET_SETTINGS[name].check(value, f"budget: {name}")
+            if value is not None or name not in optional:
+                BUDGET_SETTINGS[name].check(value, f"budget: {name}")
         return cls(**merged)
 
 
@@ -118,7 +122,12 @@ def build_child(budget: Budget, data: DatasetBundle, seed: int,
         shape = {"vocab_size": data.vocab_size, "context": budget.context}
     else:
         shape = {"num_classes": data.num_classes, "in_channels": data.in_channels}
-    return build_model(name, seed=seed, **shape, **(model_args or {}))
+    if budget.width is not None:
+        if name != "wrn":
+            raise ValueError(f"budget: width is the widening factor of a wrn child; model "
+                             f"{budget.model!r} has none")
+        shape["width"] = budget.width
+    return build_model(name, seed=seed, **{**shape, **(model_args or {})})
 
 
 def site_selectors(pattern: Pattern, site_modules: Sequence[str | None]) -> dict | None:
