@@ -21,6 +21,10 @@ script measures that before any search uses the proxy:
 2. **Signal against noise** (``--task signal``): in one proxy, ``--patterns`` patterns drawn
    at random from the ``convnet`` space, each trained with the same ``--seeds`` seeds: the
    spread of the per-pattern means against the spread over seeds, and a one-way ANOVA.
+   Pattern ``i`` is the ``i``-th draw of a seed-0 random search, so it depends on the space's
+   choice lists: the committed runs drew from the space before ``p_tile`` gained 0.05 (the
+   best of them is ``benchmarks/reports/transfer/pattern.json``); new runs record their
+   pattern's hash.
 3. **Language model** (``--task text``): the GPT on PTB at a few token budgets, no dropout
    and Dropout at three rates: training against validation perplexity (does it overfit?),
    and the gap.
@@ -224,6 +228,8 @@ def run_job(job: Job) -> dict[str, Any]:
         result["recalibrated"] = _scalars(evaluate_child(model, holdout, budget))
     result["cpu_seconds"] = time.process_time() - cpu
     result["validations"] = 1  # validated after the last epoch only (eval_every = epochs)
+    if pattern is not None:  # "pattern:i" depends on the space's choice lists: keep which
+        result["pattern_hash"] = pattern.hash
     return result
 
 

@@ -1,4 +1,5 @@
-"""The shipped convnet space contains Dropout, SpatialDropout and DropBlock (p = 0.1).
+"""The shipped convnet space contains Dropout, SpatialDropout and DropBlock (p = 0.1), and
+DropBlock at 0.05 (the best fixed regulariser of the regime study's chosen proxy).
 
 Each baseline is a pattern of the space (README, ``convnet.yaml``); its masks are compared
 with the baseline layer's on the statistics that define it: the dropped fraction per map
@@ -30,6 +31,8 @@ BASELINES = {  # name -> (pattern site, the baseline layer)
                 SpatialDropout(0.1)),
     "dropblock": (dict(STILL, size_h=3, size_w=3, stride=3, repeat="fill", p_tile=0.1),
                   DropBlock2d(0.1, block_size=3)),
+    "dropblock-0.05": (dict(STILL, size_h=3, size_w=3, stride=3, repeat="fill", p_tile=0.05),
+                       DropBlock2d(0.05, block_size=3)),
 }
 SHAPE = (128, 8, 28, 28)
 DRAWS = 4  # 4096 maps per side
@@ -75,11 +78,11 @@ def statistics(dropped: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def test_the_baselines_are_patterns_of_the_space_within_its_bound():
-    for site, _ in BASELINES.values():
+    for site, layer in BASELINES.values():
         pattern = Pattern("conv", [site] * CONVNET.num_sites)
         assert CONVNET.decode(CONVNET.encode(pattern)) == pattern
         assert CONVNET.within_bound(pattern)
-        assert bounds.conv_fraction(site, (28, 28)) == pytest.approx(0.1, abs=1e-12)
+        assert bounds.conv_fraction(site, (28, 28)) == pytest.approx(layer.p, abs=1e-12)
 
 
 def test_new_fields_at_their_defaults_keep_old_hashes():
@@ -160,14 +163,16 @@ def normalised(stats: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]
     return out
 
 
-def test_dropblock_pattern_reproduces_the_block_statistics():
-    site, layer = BASELINES["dropblock"]
+@pytest.mark.parametrize("name", ["dropblock", "dropblock-0.05"])
+def test_dropblock_pattern_reproduces_the_block_statistics(name):
+    site, layer = BASELINES[name]
+    p = layer.p
     ours, theirs = statistics(draw(PatternDropout(site))), statistics(draw(layer))
     # The pattern drops exactly p; DropBlock2d's gamma ignores block overlaps, so it drops a
-    # little less than its p (0.0956 on 28x28): the pattern matches the nominal rate.
-    assert_same(mean_and_error(ours["fraction"]), (0.1, 0.0), "pattern fraction")
-    exact = dropblock_expected_fraction(28, 28, 3, 0.1)
-    assert 0.09 < exact < 0.1
+    # little less than its p (0.0956 for 0.1 on 28x28): the pattern matches the nominal rate.
+    assert_same(mean_and_error(ours["fraction"]), (p, 0.0), "pattern fraction")
+    exact = dropblock_expected_fraction(28, 28, 3, p)
+    assert 0.9 * p < exact < p
     assert_same(mean_and_error(theirs["fraction"]), (exact, 0.0), "DropBlock2d fraction")
     # Per unit of drop rate, channels are independent and the fraction varies alike over maps.
     ours, theirs = normalised(ours), normalised(theirs)
@@ -177,12 +182,14 @@ def test_dropblock_pattern_reproduces_the_block_statistics():
     # Blocks: the pattern's 3x3 cells give P(dropped | dropped d pixels away) = (3-d)/3 + p d/3
     # for d <= 3, exactly; DropBlock2d's randomly placed (overlapping) blocks give the same to
     # first order in p and a little more at second order. Each side is checked against its
-    # own exact value, and the pattern's stays within 0.02 of DropBlock2d's at every lag.
-    fraction = dropblock_expected_fraction(28, 28, 3, 0.1)
+    # own exact value, and the pattern's stays within 0.025 of DropBlock2d's at every lag (the
+    # largest gap, 0.022, is at p = 0.05 and lag 2: DropBlock2d seeds blocks only where a whole
+    # block fits, which changes the conditional more, relative to p, the lower p is).
+    fraction = dropblock_expected_fraction(28, 28, 3, p)
     for lag in (1, 2, 3, 4):
         what = f"conditional drop at lag {lag}"
-        exact = max(0, 3 - lag) / 3 + 0.1 * min(lag, 3) / 3
+        exact = max(0, 3 - lag) / 3 + p * min(lag, 3) / 3
         assert_same(ours[what], (exact, 0.0), what + " (pattern)")
-        blocks = dropblock_expected_joint(28, 3, 0.1, lag) / fraction
+        blocks = dropblock_expected_joint(28, 3, p, lag) / fraction
         assert_same(theirs[what], (blocks, 0.0), what + " (DropBlock2d)")
-        assert abs(exact - blocks) <= 0.02, (what, exact, blocks)
+        assert abs(exact - blocks) <= 0.025, (what, exact, blocks)
