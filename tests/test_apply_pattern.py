@@ -131,8 +131,11 @@ def test_a_sequential_model_keeps_running_its_layers():
 
 
 def test_site_count_mismatch_names_both_counts_and_some_modules():
-    with pytest.raises(ValueError, match=r"3 sites but 7 modules matched \(bn1, layer1.0.bn1"):
-        ad.apply_pattern(TinyResNet(), conv_pattern(n_sites=3))
+    model = TinyResNet()
+    ad.apply_pattern(model, conv_pattern(n_sites=3))  # mapped by stages on the first forward
+    with pytest.raises(ValueError, match=r"3 sites but 7 modules matched in 2 stages .*"
+                                         r"stage 0 \(8x8, 4 modules\): bn1, layer1.0.bn1"):
+        model(images())
 
 
 @pytest.mark.parametrize(

@@ -238,14 +238,6 @@ def test_four_stages_for_three_sites_is_an_error_listing_the_stages():
                          for n, m in model.named_modules()]
 
 
-def test_without_example_input_a_mismatch_names_the_ways_to_choose():
-    with pytest.raises(ValueError) as error:
-        ad.apply_pattern(ResNet(), convnet_pattern())
-    message = str(error.value)
-    assert "3 sites but 20 modules matched (bn1, layer1.0.bn1" in message
-    assert 'sites={0: "layer1.*.bn*", 1: ...}' in message and "example_input=" in message
-
-
 def test_explicit_mapping_with_string_keys_as_read_from_yaml():
     model = ResNet()
     sites = {"0": ["bn1", "layer1.*.bn*"], "1": ["layer2.*.bn*", "layer2.*.downsample.1"],
@@ -393,6 +385,135 @@ def test_eval_output_is_bit_identical_and_remove_restores_exactly(name):
     assert list(model.state_dict()) == list(snapshot)
     assert torch.equal(model(x), reference)
     assert torch.equal(seeded(model.train(), x), train_reference)
+
+
+# -- stages on the first forward (no example_input) ------------------------------------------
+# name -> (model, input, pattern): ResNet-18's 4 stages for 4 sites, a 3-stage VGG for the
+# shipped convnet space's 3 sites
+LAZY = {
+    "resnet18": (NETWORKS["resnet18"][0], NETWORKS["resnet18"][1], conv_pattern(4)),
+    "vgg_three_stages": (lambda: vgg((4, 4, "M", 8, 8, "M", 8, 8)), NETWORKS[
+        "vgg11_bn_flat_sequential"][1], convnet_pattern()),
+}
+
+
+def _hook_tables(model):
+    """Per module: its children and its hooks' types (hook ids differ between models)."""
+    return [(name, list(m._modules), *([type(hook).__name__ for hook in table.values()]
+                                       for table in (m._forward_hooks, m._forward_pre_hooks)),
+             len(m._forward_pre_hooks_with_kwargs)) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("name", list(LAZY))
+def test_stages_found_on_the_first_forward_are_those_of_example_input(name):
+    make, make_input, pattern = LAZY[name]
+    x = make_input()
+    eager_model = make().train()
+    lazy_model, plain = copy.deepcopy(eager_model), copy.deepcopy(eager_model)
+    eager = ad.apply_pattern(eager_model, pattern, example_input=x)
+    lazy = ad.apply_pattern(lazy_model, pattern)
+    assert lazy.rule == "stages" and lazy.assignment == {} and lazy.dropouts == {}
+    assert lazy.pending and not lazy.applied and "pending" in repr(lazy)
+    assert str(lazy).startswith(f"conv pattern, {len(pattern)} sites -> modules mapped on the "
+                                "first forward (pending)\n  rule: stages on example_input or "
+                                "the first forward")
+    out = seeded(lazy_model, x)  # the first call maps the sites, then runs with them
+    assert lazy.assignment == eager.assignment and len(set(lazy.assignment.values())) == len(
+        pattern)
+    assert not lazy.pending and lazy.applied and str(lazy) == str(eager)
+    assert lazy.residual_blocks == eager.residual_blocks
+    assert torch.equal(out, seeded(eager_model, x))
+    assert not torch.equal(out, seeded(plain, x))  # the pattern acted on that first call
+    assert _hook_tables(lazy_model) == _hook_tables(eager_model)
+    eager_state = eager_model.state_dict()  # the same running statistics: one training call
+    assert all(torch.equal(v, eager_state[k]) for k, v in lazy_model.state_dict().items())
+    assert torch.equal(seeded(lazy_model, x, 5), seeded(eager_model, x, 5))
+    lazy.remove()
+    assert _hook_tables(lazy_model) == _hook_tables(plain)
+
+
+@pytest.mark.parametrize("name", list(LAZY))
+def test_a_pattern_mapped_on_the_first_forward_keeps_the_eval_output(name):
+    make, make_input, pattern = LAZY[name]
+    model, x = make().eval(), make_input()
+    reference = model(x)
+    snapshot = copy.deepcopy(model.state_dict())
+    handle = ad.apply_pattern(model, pattern)
+    assert torch.equal(model(x), reference)  # the first call, which maps the stages
+    assert handle.applied and handle.assignment
+    assert all(not layer.training for layer in handle.dropouts.values())
+    assert torch.equal(model(x), reference)
+    model.train()(x)
+    model.load_state_dict(snapshot)  # the running statistics the training call moved
+    assert torch.equal(model.eval()(x), reference)
+
+
+@pytest.mark.parametrize("name", list(LAZY))
+def test_remove_before_the_first_forward_restores_exactly(name):
+    make, make_input, pattern = LAZY[name]
+    model, x = make(), make_input()
+    snapshot = copy.deepcopy(model.state_dict())
+    text, tables = repr(model), _hook_tables(model)
+    reference, train_reference = model.eval()(x), seeded(model.train(), x)
+    model.load_state_dict(snapshot)
+    handle = ad.apply_pattern(model, pattern)
+    assert _hook_count(model) == 1 and repr(model) == text
+    handle.remove()
+    assert not handle.pending and not handle.applied and "removed" in repr(handle)
+    assert repr(model) == text and _hook_tables(model) == tables
+    state = model.state_dict()
+    assert list(state) == list(snapshot) and all(torch.equal(state[k], v)
+                                                 for k, v in snapshot.items())
+    assert torch.equal(seeded(model.train(), x), train_reference)
+    assert handle.assignment == {} and _hook_tables(model) == tables  # nothing was installed
+    model.load_state_dict(snapshot)
+    assert torch.equal(model.eval()(x), reference)
+    # two pending patterns take two keys, and strip_pattern removes both
+    first, second = ad.apply_pattern(model, pattern), ad.apply_pattern(model, pattern)
+    assert (first.key, second.key) == ("0", "1")
+    assert ad.strip_pattern(model) == 2 and _hook_tables(model) == tables
+
+
+class PooledIdentityBlock(nn.Module):
+    """An identity block with 3 stages inside (full, half, full size): 4 BatchNorms."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.bn2 = conv3(4, 4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv2, self.bn3, self.bn4 = conv3(4, 4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.shortcut = None
+
+    def forward(self, x):
+        h = self.bn2(F.max_pool2d(self.bn1(self.conv1(x)), 2))
+        return self.bn4(self.bn3(self.conv2(F.interpolate(h, scale_factor=2)))) + x
+
+
+def test_a_model_that_is_a_residual_block_is_masked_on_the_first_call_too():
+    eager_model, x = PooledIdentityBlock().train(), images(2, 4)
+    lazy_model = copy.deepcopy(eager_model)
+    eager = ad.apply_pattern(eager_model, conv_pattern(3), example_input=x)
+    lazy = ad.apply_pattern(lazy_model, conv_pattern(3))
+    # the identity's pre-hooks go on the model itself while its first call is under way
+    assert torch.equal(seeded(lazy_model, x), seeded(eager_model, x))
+    assert lazy.residual_blocks == eager.residual_blocks == [""]
+    assert lazy.assignment == eager.assignment == {"bn1": 0, "bn2": 1, "bn3": 2, "bn4": 2}
+
+
+@pytest.mark.parametrize(("make", "stages"), [(ResNet, 4), (vgg, 5)])
+def test_a_stage_mismatch_raises_at_the_first_forward_and_leaves_no_hook(make, stages):
+    model, x = make().train(), images()
+    tables = _hook_tables(model)
+    handle = ad.apply_pattern(model, convnet_pattern())
+    with pytest.raises(ValueError) as error:
+        model(x)
+    assert f"3 sites but {len(batchnorms(model))} modules matched in {stages} stages" in str(
+        error.value)
+    with pytest.raises(ValueError) as eager:
+        ad.apply_pattern(model, convnet_pattern(), example_input=x)
+    assert str(error.value) == str(eager.value)  # the same message as with example_input
+    assert _hook_tables(model) == tables and all(m.training for m in model.modules())
+    assert not handle.pending and handle.assignment == {} and "removed" in repr(handle)
+    model(x)  # the model runs on, unpatterned
 
 
 @pytest.mark.parametrize("name", list(NETWORKS))

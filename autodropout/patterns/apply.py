@@ -41,7 +41,10 @@ the matched modules in ``named_modules()`` order and ``k`` the pattern's sites:
   are grouped into *stages*: runs of modules consecutive in forward order whose outputs
   have the same spatial size. With ``k`` stages, stage ``i`` gets site ``i``; with another
   number the ``ValueError`` lists the stages found (module names and map sizes). Without
-  ``example_input`` a count mismatch is a ``ValueError`` naming the ways to choose.
+  ``example_input`` the handle is returned at once and the stages are found the same way
+  on the model's first forward (a forward pre-hook that removes itself, maps and installs
+  the sites, then lets that call run with the pattern in place; a stage mismatch raises
+  there, leaving no hook behind); until then ``handle.assignment`` is empty.
 * conv, explicit: ``sites`` may map each site to its own selector
   (``{0: "group1.*.bn*", 1: "group2.*.bn*"}``): site ``i`` goes to every module selector
   ``i`` matches, as a search space's per-site ``modules:`` globs say. Keys may be ints,
@@ -112,7 +115,7 @@ RULES = {
     "explicit": "the sites mapping (site i on the modules its selector matches)",
     "one-to-one": "one site per matched module, in order",
     "shared": "one site shared by every matched module",
-    "stages": "stages on example_input (site i on stage i)",
+    "stages": "stages on example_input or the first forward (site i on stage i)",
     "sub-layers": "sub-layers (each site on the modules of its apply_to)",
 }
 """The ways sites are mapped to modules (``handle.rule``), as ``str(handle)`` names them."""
@@ -134,23 +137,39 @@ class PatternHandle:
     Use as a context manager to apply a pattern for a ``with`` block.
     """
 
-    def __init__(self, model: nn.Module, pattern: Pattern, key: str,
-                 dropouts: dict[str, PatternDropout], residual_blocks: list[str],
-                 assignment: dict[str, int], rule: str,
+    def __init__(self, model: nn.Module, pattern: Pattern, key: str, rule: str,
                  placement_unused: str | None = None) -> None:
         self.model = model
         self.pattern = pattern
         self.key = key
-        self.dropouts = dropouts
-        self.residual_blocks = residual_blocks
-        self.assignment: dict[str, int] = dict(assignment)
-        """Hooked module name -> index of the pattern site it got."""
+        self.dropouts: dict[str, PatternDropout] = {}
+        self.residual_blocks: list[str] = []
+        self.assignment: dict[str, int] = {}
+        """Hooked module name -> index of the pattern site it got (empty while pending)."""
         self.rule = rule
         """How sites were mapped to modules: one of :data:`RULES`."""
         self.placement_unused = placement_unused
         """Why the pattern's placement globs were not used (None: used, absent, or
         ``sites=`` given)."""
-        self._first_site = model.get_submodule(next(iter(dropouts)))
+        self._pending: _StageDiscovery | None = None
+
+    def _install(self, assignment: list[tuple]) -> None:
+        """Add the layers and hooks of ``assignment`` (name, module, site index, sub-layer)."""
+        hooks: dict[str, _MaskHook] = {}
+        for name, module, index, sublayer in assignment:
+            layer = PatternDropout(self.pattern.sites[index], self.pattern.kind, sublayer)
+            self.dropouts[name] = layer.train(self.model.training)
+            module.add_module(_layer_name(self.key), layer)
+            hooks[name] = _MaskHook(self.key, layer)
+            module.register_forward_hook(hooks[name])
+            self.assignment[name] = index
+        if self.pattern.kind == CONV:
+            self.residual_blocks = _wire_residuals(self.model, self.key, self.dropouts, hooks)
+
+    def _defer(self, chosen: list[tuple[str, nn.Module]]) -> None:
+        """Map ``chosen`` to stages on the model's first forward (a pre-hook until then)."""
+        self._pending = _StageDiscovery(self, chosen)
+        self.model.register_forward_pre_hook(self._pending, with_kwargs=True)
 
     @property
     def module_names(self) -> list[str]:
@@ -159,7 +178,17 @@ class PatternHandle:
 
     @property
     def applied(self) -> bool:
-        return _layer_name(self.key) in self._first_site._modules
+        first = next(iter(self.dropouts), None)
+        return (first is not None
+                and _layer_name(self.key) in self.model.get_submodule(first)._modules)
+
+    @property
+    def pending(self) -> bool:
+        """Waiting for the model's first forward to map the sites to its stages."""
+        return any(hook is self._pending for hook in self.model._forward_pre_hooks.values())
+
+    def _state(self) -> str:
+        return "pending" if self.pending else "applied" if self.applied else "removed"
 
     def remove(self) -> None:
         """Take the pattern out: hooks, layers and residual slots; idempotent."""
@@ -172,16 +201,18 @@ class PatternHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "applied" if self.applied else "removed"
         return (f"PatternHandle({self.pattern!r}, modules={len(self.dropouts)}, "
-                f"residual_blocks={len(self.residual_blocks)}, {state})")
+                f"residual_blocks={len(self.residual_blocks)}, {self._state()})")
 
     def __str__(self) -> str:
-        state = "applied" if self.applied else "removed"
-        lines = [f"{self.pattern.kind} pattern, {len(self.pattern)} sites -> "
-                 f"{len(self.assignment)} modules ({state})", f"  rule: {RULES[self.rule]}"]
+        mapped = (f"{len(self.assignment)} modules" if self.assignment
+                  else "modules mapped on the first forward")
+        lines = [f"{self.pattern.kind} pattern, {len(self.pattern)} sites -> {mapped} "
+                 f"({self._state()})", f"  rule: {RULES[self.rule]}"]
         if self.placement_unused:
             lines.append(f"  placement not used: {self.placement_unused}")
+        if not self.assignment:
+            return "\n".join(lines)
         labels = [f" ({name})" for name in _site_names(self.pattern)] or [""] * len(self.pattern)
         for index, label in enumerate(labels):
             names = [name for name, i in self.assignment.items() if i == index]
@@ -198,7 +229,9 @@ def apply_pattern(model: nn.Module, pattern: Pattern,
 
     ``example_input`` (a tensor, or a tuple of positional arguments) lets a conv pattern
     whose site count differs from the matched modules map its sites to the model's
-    stages: one eval-mode forward on it groups the matched modules by output size. Without
+    stages: one eval-mode forward on it groups the matched modules by output size; without
+    it that forward runs on the inputs of the model's first call, which then proceeds with
+    the pattern in place (``handle.assignment`` is empty until then). Without
     ``sites``, a conv pattern whose placement names its sites' modules (an exported search
     result) goes where those globs say when each matches a module of ``model``. Returns
     a :class:`PatternHandle` whose ``remove()`` restores the model exactly and whose
@@ -217,18 +250,13 @@ def apply_pattern(model: nn.Module, pattern: Pattern,
         assignment = _assign_sequence(candidates, pattern, sites)
 
     key = next(str(i) for i in itertools.count() if not _holds_key(model, str(i)))
-    dropouts: dict[str, PatternDropout] = {}
-    hooks: dict[str, _MaskHook] = {}
-    for name, module, index, sublayer in assignment:
-        site = pattern.sites[index]
-        dropouts[name] = PatternDropout(site, pattern.kind, sublayer).train(model.training)
-        module.add_module(_layer_name(key), dropouts[name])
-        hooks[name] = _MaskHook(key, dropouts[name])
-        module.register_forward_hook(hooks[name])
-    residual_blocks = _wire_residuals(model, key, dropouts, hooks) if pattern.kind == CONV else []
-    return PatternHandle(model, pattern, key, dropouts, residual_blocks,
-                         {name: index for name, _, index, _ in assignment}, rule,
-                         placement_unused)
+    handle = PatternHandle(model, pattern, key, rule, placement_unused)
+    deferred = [(name, module) for name, module, index, _ in assignment if index is None]
+    if deferred:
+        handle._defer(deferred)
+    else:
+        handle._install(assignment)
+    return handle
 
 
 def strip_pattern(model: nn.Module) -> int:
@@ -282,7 +310,11 @@ def _describe(selector: Any) -> str:
 
 def _assign_conv(model: nn.Module, candidates, pattern: Pattern, sites: Any,
                  example_input: Any) -> tuple[str, list[tuple], str | None]:
-    """The rule used, the assignment, and why the pattern's placement went unused (if so)."""
+    """The rule used, the assignment, and why the pattern's placement went unused (if so).
+
+    A site index of ``None`` (every entry, rule ``stages``, no ``example_input``): mapped by
+    stages on the model's first forward.
+    """
     if isinstance(sites, Mapping):
         return "explicit", _assign_conv_per_site(candidates, pattern, sites), None
     unused = None
@@ -292,11 +324,14 @@ def _assign_conv(model: nn.Module, candidates, pattern: Pattern, sites: Any,
             assignment = _assign_conv_per_site(candidates, pattern, globs, "placement")
             return "placement", assignment, None
     chosen = _default_conv_sites(candidates) if sites is None else _select(candidates, sites)
-    if len(pattern) in (1, len(chosen)) or example_input is None:
-        spread = _spread(len(pattern), chosen, "sites", conv_hint=True)
+    if len(pattern) in (1, len(chosen)):
+        spread = _spread(len(pattern), chosen, "sites")
         rule = "one-to-one" if len(pattern) == len(chosen) else "shared"
+    elif example_input is None:
+        spread, rule = [None] * len(chosen), "stages"
     else:
-        spread, rule = _by_stages(model, chosen, len(pattern), example_input), "stages"
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        spread, rule = _by_stages(model, chosen, len(pattern), args, {}), "stages"
     return rule, [(name, module, i, None) for (name, module), i in zip(chosen, spread)], unused
 
 
@@ -343,8 +378,7 @@ def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
 
 
-def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str,
-            conv_hint: bool = False) -> list[int]:
+def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str) -> list[int]:
     """Site index per chosen module: one each, or the single site for all."""
     if n_sites == len(chosen):
         return list(range(n_sites))
@@ -355,14 +389,11 @@ def _spread(n_sites: int, chosen: list[tuple[str, nn.Module]], where: str,
         f"{where}: the pattern has {n_sites} sites but {len(names)} modules matched "
         f"({_shown(names)}); "
         f"give one site per matched module or a single site to share"
-        + (f", map each site to its own modules (sites={{0: \"layer1.*.bn*\", 1: ...}}, "
-           f"indices 0..{n_sites - 1}), or pass example_input= to map the sites to the "
-           "model's stages (modules grouped by output size)" if conv_hint else "")
     )
 
 
 def _by_stages(model: nn.Module, chosen: list[tuple[str, nn.Module]], n_sites: int,
-               example_input: Any) -> list[int]:
+               args: tuple, kwargs: dict[str, Any], source: str = "example_input") -> list[int]:
     """Site index per chosen module from one eval forward: stage ``i`` gets site ``i``."""
     order: list[str] = []
     sizes: dict[str, tuple[int, ...]] = {}
@@ -377,11 +408,10 @@ def _by_stages(model: nn.Module, chosen: list[tuple[str, nn.Module]], n_sites: i
 
     handles = [module.register_forward_hook(recorder(name)) for name, module in chosen]
     modes = [(module, module.training) for module in model.modules()]
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model.eval()
         with torch.no_grad():
-            model(*args)
+            model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -389,7 +419,7 @@ def _by_stages(model: nn.Module, chosen: list[tuple[str, nn.Module]], n_sites: i
             module.training = training
     unused = [name for name, _ in chosen if name not in sizes]
     if unused:
-        raise ValueError(f"sites: {_shown(unused)} matched but did not run on example_input, "
+        raise ValueError(f"sites: {_shown(unused)} matched but did not run on {source}, "
                          "so they belong to no stage")
     stages: list[list[str]] = []
     for name in order:
@@ -503,7 +533,10 @@ def _layer_name(key: str) -> str:
 
 
 def _holds_key(model: nn.Module, key: str) -> bool:
-    return any(_layer_name(key) in module._modules for module in model.modules())
+    """A layer of pattern ``key``, or its pending stage discovery, is on ``model``."""
+    pending = any(isinstance(hook, _StageDiscovery) and hook.key == key
+                  for hook in model._forward_pre_hooks.values())
+    return pending or any(_layer_name(key) in module._modules for module in model.modules())
 
 
 def _wire_residuals(model: nn.Module, key: str, dropouts: dict[str, PatternDropout],
@@ -563,6 +596,34 @@ class _PatternHook:
 
     def __init__(self, key: str) -> None:
         self.key = key
+
+
+class _StageDiscovery(_PatternHook):
+    """Model forward pre-hook of a pattern waiting for its stages: on the first call it
+    removes itself, maps the sites by stages on that call's inputs (as ``example_input``
+    would), installs them and lets the call run with the pattern in place."""
+
+    def __init__(self, handle: PatternHandle, chosen: list[tuple[str, nn.Module]]) -> None:
+        super().__init__(handle.key)
+        self.handle = handle
+        self.chosen = chosen
+
+    def __call__(self, model: nn.Module, args: tuple,
+                 kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        _remove(model, self.key)  # only this hook holds the key yet
+        spread = _by_stages(model, self.chosen, len(self.handle.pattern), args, kwargs,
+                            "the first forward")
+        before = set(model._forward_pre_hooks)
+        self.handle._install([(name, module, index, None)
+                              for (name, module), index in zip(self.chosen, spread)])
+        # This call has already collected the model's pre-hooks: run the ones just added
+        # (the model itself a residual block) as the call would have.
+        for hook_id, hook in list(model._forward_pre_hooks.items()):
+            if hook_id not in before:
+                result = hook(model, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        return args, kwargs
 
 
 class _MaskHook(_PatternHook):
@@ -671,6 +732,7 @@ def _remove(model: nn.Module, key: str | None) -> set[str]:
             hook_ids = [i for i, hook in table.items()
                         if isinstance(hook, _PatternHook) and owned(hook.key)]
             for hook_id in hook_ids:
+                removed.add(table[hook_id].key)
                 del table[hook_id]
                 for flags in _HOOK_FLAG_TABLES:
                     getattr(module, flags, {}).pop(hook_id, None)
