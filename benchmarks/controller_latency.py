@@ -1,6 +1,6 @@
 """Controller latency benchmark: ``RLController.suggest`` before and after incremental decoding.
 
-For each shipped space (``convnet``: 27 decisions, ``transformer``: 25) and each policy
+For each shipped space (``convnet``: 33 decisions, ``transformer``: 25) and each policy
 architecture, times ``--calls`` calls of
 
 * old: the full-recompute sampler the policy had before its K/V cache (a reference copy

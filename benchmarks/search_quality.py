@@ -112,7 +112,7 @@ IMAGE_GRID = ("none", "dropout:0.1", "dropout:0.3", "spatial:0.1", "spatial:0.2"
 FULL = (
     Task("fashion-mnist", "Fashion-MNIST, WRN-10-2, 1,000 training examples", "convnet",
          "fashion-mnist", {"train_examples": 1000, "validation_examples": 1000, "epochs": 15,
-                           "batch_size": 32},
+                           "batch_size": 32, "width": 2},
          IMAGE_GRID, trials=10, search_seeds=2, final_epochs=15, final_seeds=3),
     Task("ptb", "PTB, GPT (2 layers, 128 wide), 100,000 training tokens", "transformer", "ptb",
          {"train_examples": 100_000, "validation_examples": 20_000, "epochs": 1},
@@ -121,7 +121,8 @@ FULL = (
 )
 QUICK = (
     Task("fashion-mnist", "Fashion-MNIST, WRN-10-2, toy: 512 training examples", "convnet",
-         "fashion-mnist", {"train_examples": 512, "validation_examples": 256, "epochs": 1},
+         "fashion-mnist", {"train_examples": 512, "validation_examples": 256, "epochs": 1,
+                           "width": 2},
          ("none", "dropout:0.1", "dropout:0.3", "spatial:0.1", "dropblock:0.1:3"),
          trials=3, search_seeds=2, final_epochs=1, final_seeds=2, test_examples=1000),
     Task("ptb", "PTB, GPT (2 layers, 128 wide), toy: 16,384 training tokens", "transformer",
