@@ -115,12 +115,8 @@ def scheduled_layers(model: nn.Module) -> dict[str, nn.Module]:
         for name, module in model.named_modules()
         if isinstance(module, (nn.modules.dropout._DropoutNd, DropoutLayer))
         and not isinstance(module, CurriculumDropout)
-        and is_plain_rate(vars(module).get("p"))
+        and is_real(vars(module).get("p"))
     }
-
-
-def is_plain_rate(value: Any) -> bool:
-    return is_real(value)
 
 
 class DropoutScheduler:

@@ -42,10 +42,10 @@ class Field:
     choices: tuple[str, ...] = ()
     doc: str = ""
     default: Any = None
+    """Not None: the field may be left out, and a site holding the default leaves it out
+    of its canonical form (so patterns written before the field existed keep their JSON
+    and hash)."""
     low_open: bool = False
-    """``default`` not None: the field may be left out, and a site holding the default
-    leaves it out of its canonical form (so patterns written before the field existed keep
-    their JSON and hash)."""
 
     def check(self, value: Any, where: str) -> Any:
         """Return ``value`` in canonical form or raise :class:`PatternError` naming ``where``.

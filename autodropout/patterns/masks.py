@@ -64,14 +64,22 @@ def offset_range(extent: int, size: int, stride: int, repeat: int | str) -> int:
 
 def tiled(coords: Tensor, offsets: Tensor, size: int, stride: int, repeat: int | str) -> Tensor:
     """``True`` where ``coords`` (broadcast against ``offsets``) fall in a dropped tile."""
+    return last_tile(coords, offsets, size, stride, repeat)[0]
+
+
+def last_tile(coords: Tensor, offsets: Tensor, size: int, stride: int,
+              repeat: int | str) -> tuple[Tensor, Tensor]:
+    """:func:`tiled`, and the index of the last tile starting at or before each coordinate
+    (clamped to ``repeat - 1``; it may be negative for ``repeat == FILL``, or before the
+    first tile, where the coordinate is never in a tile)."""
     distance = coords - offsets
     tile = torch.div(distance, stride, rounding_mode="floor")
     if repeat == FILL:
-        return distance - tile * stride < size
+        return distance - tile * stride < size, tile
     # Only the last tile starting at or before a coordinate can reach it (earlier tiles
     # start further back and have the same size), so one comparison per axis suffices.
     tile = tile.clamp(max=repeat - 1)
-    return (distance - tile * stride < size) & (tile >= 0)
+    return (distance - tile * stride < size) & (tile >= 0), tile
 
 
 @dataclass(frozen=True)
@@ -147,15 +155,12 @@ class Tiling:
             index = (pixels.div(width, rounding_mode="floor"), pixels % width)
         covered, cells, counts = [], [], []
         for axis in (0, 1):
-            distance = coords[axis] - offsets[axis][..., None]
-            tile = torch.div(distance, self.stride, rounding_mode="floor")
+            inside, tile = last_tile(coords[axis], offsets[axis][..., None], self.sizes[axis],
+                                     self.stride, self.repeat)
             if self.repeat == FILL:
-                inside = distance - tile * self.stride < self.sizes[axis]
                 low = (int(coords[axis].min()) - self.offset_ranges[axis] + 1) // self.stride
                 high = int(coords[axis].max()) // self.stride
             else:
-                tile = tile.clamp(max=self.repeat - 1)
-                inside = (distance - tile * self.stride < self.sizes[axis]) & (tile >= 0)
                 tile = tile.clamp(min=0)
                 low, high = 0, self.repeat - 1
             covered.append(inside.index_select(-1, index[axis]))
@@ -269,9 +274,7 @@ def sample_keep(
         keep = ~tiling.dropped(offsets)
         if plane_first:
             keep = keep.flatten(0, len(instances) - 1).flatten(1).t().reshape(shape)
-        if dtype is None:
-            return keep
-        return torch.where(keep, (keep.numel() / keep.sum().clamp(min=1)).to(dtype), 0)
+        return scaled(keep, dtype)
     table = keep_table(tiling, device)
     pick = torch.randint(combinations, instances, device=device).flatten()
     masks, dim = (table.columns, 1) if plane_first else (table.rows, 0)
@@ -307,6 +310,11 @@ def conv_keep_mask(
         keep = sample_keep(tiling, instances, device)
     if p_apply < 1:
         keep = keep | (torch.rand(instances, device=device) >= p_apply)[..., None, None]
+    return scaled(keep, dtype)
+
+
+def scaled(keep: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """A boolean keep mask as is (``dtype`` None), else ``numel / kept`` where kept, in ``dtype``."""
     if dtype is None:
         return keep
     return torch.where(keep, (keep.numel() / keep.sum().clamp(min=1)).to(dtype), 0)
