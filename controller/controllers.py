@@ -47,9 +47,12 @@ class Controller:
     space: SearchSpace
     seed: int = 0
     generator: torch.Generator = field(init=False, repr=False)
+    masks: Any = field(init=False, repr=False, compare=False)
+    """The space's :attr:`~search_spaces.SearchSpace.choice_masks` (None without ``max_drop``)."""
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.masks = self.space.choice_masks
 
     def suggest(self) -> Suggestion:
         raise NotImplementedError
@@ -69,10 +72,10 @@ class RandomController(Controller):
 
     def suggest(self) -> Suggestion:
         tokens, log_probs = [], []
-        masks = self.space.choice_masks  # max_drop: uniform over the patterns within the bound
         for step, decision in enumerate(self.space.decisions):
             count = len(decision.choices)
-            weights = None if masks is None else masks.weights(step, tokens)
+            # max_drop: uniform over the patterns within the bound
+            weights = None if self.masks is None else self.masks.weights(step, tokens)
             if weights is None:
                 tokens.append(int(torch.randint(count, (1,), generator=self.generator)))
                 log_probs.append(-math.log(count))
@@ -133,7 +136,7 @@ class RLController(Controller):
 
     def suggest(self) -> Suggestion:
         tokens, log_probs = self.policy.sample(1, generator=self.generator,
-                                               allowed=self.space.choice_masks)
+                                               allowed=self.masks)
         indices = tuple(int(t) for t in tokens[0])
         return Suggestion(self.space.decode(indices), indices, tuple(log_probs[0].tolist()))
 
@@ -168,7 +171,7 @@ class RLController(Controller):
                 self.rung_baselines[rung] = new
         advantage = rewards - torch.tensor([self.baseline_of(rung) for rung in rungs])
 
-        log_probs, entropies = self.policy.score(tokens, allowed=self.space.choice_masks)
+        log_probs, entropies = self.policy.score(tokens, allowed=self.masks)
         ratio, clipped = clipped_importance_weights(log_probs.sum(1), old_log_prob,
                                                     self.settings["importance_clip"])
         surrogate = torch.minimum(ratio * advantage, clipped * advantage)

@@ -46,7 +46,8 @@ class PatternSearcher(Searcher):
     one give them here.
 
     The trainable reports the metric, and ``final: True`` with its last result: a trial that
-    ends without it was stopped early (ASHA) and teaches nothing (:mod:`controller.outcome`).
+    ends without it was stopped early (ASHA): only its rung rewards teach (below and
+    :mod:`controller.outcome`).
 
     ``param_space`` holds constants the trainable reads next to the pattern: the searcher
     proposes only ``pattern`` and ``tokens`` and samples nothing else, so a search-space

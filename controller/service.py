@@ -347,12 +347,11 @@ def build_controller(options: SearchOptions, space, store, seed: int):
 
 
 def _search(options, space, budget, dataset, model, name, store, data, controller,
-            seed, scheduler=None) -> SearchResult:
+            seed, scheduler) -> SearchResult:
     from .callbacks import ProgressCallback, StoreCallback
     from .searcher import PatternSearcher
 
     started = time.monotonic()
-    scheduler = scheduler or {"scheduler": "none"}
     searcher = PatternSearcher(controller, metric="reward", mode="max",
                                rungs=tuple(scheduler.get("asha_rungs", ())), time_attr="epoch")
     settings = {"controller": options.controller, "seed": seed, "trials": options.trials,

@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 from ray import cloudpickle
+from test_controller import Recorder  # a controller whose observe takes no rung
 
 import search_spaces
 from controller.controllers import (
-    RandomController,
     RLController,
     deserialize_state,
     serialize_state,
@@ -185,19 +185,8 @@ def test_a_rung_result_without_a_finite_reward_is_not_observed():
     assert searcher.controller.seen == [(2, -0.25, -0.25)]  # mode min: negated
 
 
-class FinalOnly(RandomController):
-    """A controller whose observe takes no rung (as the tests' and users' own may)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen = []
-
-    def observe(self, suggestion, reward):
-        self.seen.append(reward)
-
-
 def test_a_controller_without_rungs_gets_final_rewards_only():
-    searcher = PatternSearcher(FinalOnly(TINY), metric="reward", mode="max", rungs=(1, 3))
+    searcher = PatternSearcher(Recorder(TINY), metric="reward", mode="max", rungs=(1, 3))
     tokens = searcher.suggest("a")["tokens"]
     for result in results(range(1, 9), tokens):
         searcher.on_trial_result("a", result)
