@@ -17,9 +17,10 @@ Sizes (our choice, for this 2-core machine, two trials at a time with one CPU ea
   (``--data-dir``): the proxy the regime study chose (``benchmarks/reports/regime``: WRN-10-1,
   1,000 training and 5,000 validation images, 40 epochs, validation after the last epoch and
   at ASHA's rungs), ASHA grace 4 epochs and reduction 3 (rungs at epochs 4, 12 and 36,
-  max_t 40); 16 full-budget trials against 60 ASHA trials, seed 0. A full trial takes about
-  0.5 CPU-minutes here and an ASHA trial (about 9.5 epochs) about a quarter of that, so each
-  search needs about 0.2 CPU-hours: some 15 minutes of wall time in all;
+  max_t 40); 16 full-budget trials against 60 ASHA trials, seed 0. In the committed run
+  (``benchmarks/reports/asha``) a full trial took about 0.55 CPU-minutes and an ASHA trial
+  (about 12 epochs) about a third of that, each search 0.15-0.19 CPU-hours: some 11 minutes
+  of wall time in all;
 * ``--quick``: the ``tiny`` space on the synthetic dataset, 128 training images, 3 epochs,
   grace 1 and reduction 2 (rungs 1 and 2), 4 against 6 trials: under a minute after Ray
   starts. It checks the pipeline; its numbers mean nothing.

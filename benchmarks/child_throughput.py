@@ -37,6 +37,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ from workers.datasets import load_dataset, validation_split
 from workers.models import build_model
 from workers.training import Budget, site_selectors, train_child
 
-DATA_DIR = "/work/shared/data"
+DATA_DIR = str(Path(__file__).resolve().parents[2] / "shared" / "data")
 VALIDATION_EXAMPLES = 1000
 # a mid-space convnet pattern: 4x3 boxes every 8 pixels (filled), rotated 30 degrees,
 # sheared 0.15, shared across channels; per stage, residual on the last stage

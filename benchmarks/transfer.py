@@ -29,11 +29,10 @@ and cost, and CPU-minutes and wall time.
 Sizes: 2,000 training and 5,000 validation images, 40 epochs at batch 32 (small data,
 long training: an overfitting regime, as in the regime study's WRN proxy), scored on the
 whole 10,000-image test split; the net has 32, 64 and 128 channels, 0.29 M parameters, about
-the WRN-10-2's 0.30 M. Measured here (one thread, on this 2-core machine while another
-benchmark ran): an epoch of 2,000 images costs 2.2 CPU-seconds without dropout, 2.7 with
-the pattern and 2.8 with DropBlock, plus about 5 per run for loading, validation and test;
-so a run is about 1.6-1.9 CPU-minutes and the 4 x 3 = 12 runs about 21 CPU-minutes,
-some 11-15 minutes of wall time with ``--workers 2``. ``--quick`` (512 training images,
+the WRN-10-2's 0.30 M. Each run's CPU time is measured and reported (CPU-min/run); the
+committed run (``benchmarks/reports/transfer/report.md``, one thread per worker on a 2-core
+machine) took 1.5-2.5 CPU-minutes a run, 23.5 CPU-minutes for the 4 x 3 = 12 runs and 24
+minutes of wall time with ``--workers 2``. ``--quick`` (512 training images,
 2 epochs, 1,000 test images) checks the pipeline in about a minute: its numbers mean nothing.
 
 Each run appends one JSON line to ``runs.jsonl`` in ``--out``; a rerun skips the runs
