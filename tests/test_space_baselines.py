@@ -180,11 +180,11 @@ def test_dropblock_pattern_reproduces_the_block_statistics(name):
         assert_same(ours[what], theirs[what], what)
     assert abs(ours["channel correlation"][0]) <= Z * ours["channel correlation"][1]
     # Blocks: the pattern's 3x3 cells give P(dropped | dropped d pixels away) = (3-d)/3 + p d/3
-    # for d <= 3, exactly; DropBlock2d's randomly placed (overlapping) blocks give the same to
-    # first order in p and a little more at second order. Each side is checked against its
-    # own exact value, and the pattern's stays within 0.025 of DropBlock2d's at every lag (the
-    # largest gap, 0.022, is at p = 0.05 and lag 2: DropBlock2d seeds blocks only where a whole
-    # block fits, which changes the conditional more, relative to p, the lower p is).
+    # for d <= 3, exactly; DropBlock2d's randomly placed (overlapping) blocks give a little
+    # more, mostly from the border, where it seeds blocks only where a whole block fits. Each
+    # side is checked against its own exact value; at p = 0.1 the pattern's also stays within
+    # 0.02 of DropBlock2d's at every lag. At p = 0.05 the border term is larger (0.022 at lag
+    # 2), so no closeness bound is claimed there.
     fraction = dropblock_expected_fraction(28, 28, 3, p)
     for lag in (1, 2, 3, 4):
         what = f"conditional drop at lag {lag}"
@@ -192,4 +192,5 @@ def test_dropblock_pattern_reproduces_the_block_statistics(name):
         assert_same(ours[what], (exact, 0.0), what + " (pattern)")
         blocks = dropblock_expected_joint(28, 3, p, lag) / fraction
         assert_same(theirs[what], (blocks, 0.0), what + " (DropBlock2d)")
-        assert abs(exact - blocks) <= 0.025, (what, exact, blocks)
+        if p == 0.1:
+            assert abs(exact - blocks) <= 0.02, (what, exact, blocks)
