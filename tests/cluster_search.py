@@ -28,7 +28,7 @@ from patterns_db.states import TrialState
 
 NAME = "cluster"
 TRIALS = 2
-EPOCHS = 5
+EPOCHS = 20  # epochs of tiny training outlast adding node B, so A goes mid-trial
 TIMEOUT_S = 120.0
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_search import EPOCHS
 
 from autodropout.cli import main
 from autodropout.errors import NotFound
@@ -166,5 +167,5 @@ def test_nodes_join_and_leave_mid_search(tmp_path):
         first = assert_each_trial_once(store, "cluster", 2)[0]
     pids = worker_pids(tmp_path / "experiments" / "cluster", first.trial_id)
     on_a, on_b = pids[0], pids[-1]
-    killed_at = pids.index(on_b)  # reports on A before it went, then all 5 epochs on B
-    assert 1 <= killed_at < 5 and pids == [on_a] * killed_at + [on_b] * 5
+    killed_at = pids.index(on_b)  # reports on A before it went, then all epochs on B
+    assert 1 <= killed_at < EPOCHS and pids == [on_a] * killed_at + [on_b] * EPOCHS
