@@ -1,9 +1,10 @@
 """autodropout: learned dropout patterns and the family of dropout layers for PyTorch.
 
-``import autodropout as ad`` gives the layers, patterns and the helpers that apply and
-load patterns. Each name is imported on first use (PEP 562), so ``import autodropout``
-itself loads neither torch nor anything else heavy: the layers and ``apply_pattern`` load
-torch, ``load_pattern`` on a store reference loads SQLAlchemy; ray is never imported here.
+``import autodropout as ad`` gives the layers, patterns, the helpers that apply and load
+patterns, and ``builtin_patterns()``, the searched patterns shipped with the package. Each
+name is imported on first use (PEP 562), so ``import autodropout`` itself loads neither
+torch nor anything else heavy: the layers and ``apply_pattern`` load torch,
+``load_pattern`` on a store reference loads SQLAlchemy; ray is never imported here.
 """
 
 from ._lazy import lazy_exports
@@ -25,6 +26,7 @@ _EXPORTS = {
                      "apply_pattern", "strip_pattern"), ".patterns"),
     "render": ".patterns.figures",
     "load_pattern": ".load",
+    "builtin_patterns": ".builtin",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -1,87 +1,94 @@
 """Search quality: do searched dropout patterns beat tuned fixed dropout, and RL beat random?
 
-For each task (Fashion-MNIST with the CPU-sized WRN-10-2 on a training subset small enough
-to overfit; PTB with the GPT language model, smaller):
+On the proxy the regime study chose (``benchmarks/reports/regime``; the shipped spaces'
+default budgets), for each task (Fashion-MNIST with the WRN-10-1 on 1,000 training images;
+PTB with the GPT language model, at a smaller scale):
 
-1. Baselines: no dropout, and each dropout family at its best rate from a small grid; every
-   grid run trains the search's child model with the search's budget on the search's
-   training examples and is scored on the same validation hold-out (the grid's cost counts
-   in the reported budget). Baselines sit where :mod:`workers.regularizers` puts them.
-2. Search: the RL and the random controller, through ``controller.service.run_search`` on a
-   local Ray with the run's own pattern store, with the same trials, epochs per trial and
-   search seeds, one trial at a time on all cores; best-so-far validation score against
-   trials for both goes to a PNG.
-3. Final training of each search's best pattern (best over its seeds) and of each tuned
-   baseline, on the same training examples for ``final_epochs``, for several seeds, scored on
-   the test split (which steps 1-2 never see). Every result is stored as a final evaluation.
+1. **Grid**: no dropout, and Dropout, SpatialDropout, DropBlock (block 3) and Jumpout at
+   three rates each (Jumpout: ``jumpout:PMAX``, whose half-normal width ``sigma`` is
+   ``PMAX / 2``, so the grid over PMAX is the grid over sigma), for ``grid_seeds`` seeds,
+   trained like a search trial and scored on the search's validation hold-out; each family's
+   rate with the best mean validation score is its tuned row. The grid's CPU time counts in
+   the tuned rows' cost.
+2. **Searches**: the RL and the random controller, ``search_seeds`` seeds each (run in the
+   order rl-0, random-0, rl-1, ... so that a partial run compares like with like), the same
+   number of trials, through :func:`controller.service.run_search` with ASHA on a local Ray
+   (two trials at a time, one CPU each), every trial in the run's own pattern store.
+   A search's candidates are its *completed* (full-budget) trials; its winner is the best of
+   them, and each controller's row is its best winner over its seeds.
+3. **Finals**: every row (each controller's winner, no dropout, each tuned family) trained
+   with ``final_seeds`` new seeds (100, 101, ...) on the same training examples and scored
+   once on the whole test split, which nothing before has read.
 
-The report (``results.md``, ``results.json``, ``<task>-search.png``, next to the pattern
-store ``store.db`` with every trial and final evaluation, in ``--out``) has per
-row the test metric's mean and sample standard deviation, the validation score that chose
-the row, and the CPU-hours spent choosing it (grid or search) and training it finally;
-then RL against random: best-so-far after N trials, mean and std over search seeds, and
-the paired difference (the same seed gives both controllers the same training seed).
-CPU-hours are wall-clock hours times the cores given to the work (torch threads in the
-driver; ``cpus_per_trial`` with one trial at a time in Ray), every stage using all cores.
+The report (``results.md``, ``results.json``, ``<task>-search.png`` in ``--out``) has per
+row the test mean and std, the validation score that chose it and the CPU-hours spent
+choosing and training it; the paired differences (same final seeds) of each searched row
+against the best tuned baseline (chosen by validation) and against no dropout, with 95 %
+t-intervals; RL against random as best-so-far curves over trials and over CPU-hours (mean
+and min-max band over seeds) and the mean reward of each search's last 20 trials with its
+interval. CPU time: grid and final runs are one-thread processes (``--workers`` at a time)
+measured by their own process CPU time; a search trial counts its duration times its one
+CPU. Wall time is printed per stage and in total.
+
+**Resumable**: grid and final runs append to ``runs.jsonl`` and searches live in
+``store.db`` (with Ray Tune's experiment folders in ``experiments/``), all in ``--out``; a
+rerun skips finished runs, resumes an unfinished search by name and reuses finished ones.
+A search that ends without completing (Ctrl-C, or too many failed trials) stops the run
+with exit status 1 and no rows from it. Each invocation's wall time goes to
+``invocations.jsonl``; the report's total is their sum.
 
     python benchmarks/search_quality.py [--quick] [--out DIR] [--data-dir DIR] [--tasks ...]
+    python benchmarks/search_quality.py --report-only  # the report from what has run so far
+    python benchmarks/search_quality.py --ship         # the winners into autodropout/builtin
 
-The full run is sized for a 2-core CPU machine in under 2 hours (110 minutes measured on an idle
-one; a loaded machine is slower, so the run prints the time it took). Its Fashion-MNIST task
-trains 15 epochs on 1,000 examples at batch 32 because dropout can only help a model that
-overfits: at that size training loss falls to about 0.1 while validation accuracy levels
-off, whereas the few epochs on 5,000 examples this CPU affords per trial leave the WRN
-underfit, and there every dropout rate lowered validation accuracy. ``--quick`` runs the
-whole pipeline at toy size (tiny subsets, one epoch, a few trials) in a few minutes, to
-check that it works: its numbers mean nothing.
+Sizes are our choices (the AutoDropout paper's search budget is far beyond this machine);
+the full run is sized for 150 minutes on a 2-core CPU machine. ``--quick`` runs the whole
+pipeline at toy size in a few minutes: its numbers mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-
-import search_spaces
-from autodropout.patterns import Pattern
-from workers.baselines import Baseline, parse_regularizer
-from workers.datasets import DatasetBundle, load_dataset, validation_split
-from workers.final import summarize, train_final, training_subset
-from workers.regularizers import apply_baseline
-from workers.training import ENAS_PERPLEXITY_SCALE, Budget, build_child, train_child
+from regime import load_runs, run_jobs, t_interval
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
 CONTROLLERS = ("rl", "random")
-SEED_STYLES = ("-", "--", ":", "-.")
+COLOURS = {"rl": "tab:red", "random": "tab:blue"}
+FINAL_SEED0 = 100
+LAST = 20
+"""Trials at the end of each search whose mean reward compares the controllers."""
 
 
 @dataclass(frozen=True)
 class Task:
-    """One experiment: a shipped space, the budget changes for its trials and grid runs, the
-    baseline grid, and the sizes of the searches and the final training."""
+    """One experiment: a shipped space, budget changes for its trials, the grid, and sizes."""
 
     key: str
     title: str
     space: str
-    dataset: str
     budget: dict[str, Any]
     grid: tuple[str, ...]
+    grid_seeds: int
     trials: int
     search_seeds: int
-    final_epochs: int
+    asha: tuple[int, float]
+    """ASHA's grace period (epochs) and reduction factor."""
     final_seeds: int
+    finals: str = "all"
+    """``all`` rows, or ``best``: the better searched row (by validation) and the tuned rows."""
     test_examples: int | None = None
     """None: the whole test split; ``--quick`` scores on a head of it."""
 
@@ -93,7 +100,7 @@ class Task:
     def metric(self) -> str:
         return "perplexity" if self.is_text else "accuracy"
 
-    def is_better(self, value: float, than: float) -> bool:
+    def better(self, value: float, than: float) -> bool:
         return value < than if self.is_text else value > than
 
     def best_of(self, items: list, value):
@@ -102,327 +109,592 @@ class Task:
 
     def score(self, reward: float) -> float:
         """The validation metric behind a reward: accuracy, or perplexity ``80 / reward``."""
+        from workers.training import ENAS_PERPLEXITY_SCALE
+
         if not self.is_text:
             return reward
         return ENAS_PERPLEXITY_SCALE / reward if reward > 0 else math.inf
 
 
-IMAGE_GRID = ("none", "dropout:0.1", "dropout:0.3", "spatial:0.1", "spatial:0.2",
-              "dropblock:0.1:3", "dropblock:0.2:3")
+IMAGE_GRID = ("none", "dropout:0.05", "dropout:0.1", "dropout:0.2", "spatial:0.02",
+              "spatial:0.05", "spatial:0.1", "dropblock:0.02:3", "dropblock:0.05:3",
+              "dropblock:0.1:3", "jumpout:0.1", "jumpout:0.3", "jumpout:0.6")
 FULL = (
-    Task("fashion-mnist", "Fashion-MNIST, WRN-10-2, 1,000 training examples", "convnet",
-         "fashion-mnist", {"train_examples": 1000, "validation_examples": 1000, "epochs": 15,
-                           "batch_size": 32, "width": 2},
-         IMAGE_GRID, trials=10, search_seeds=2, final_epochs=15, final_seeds=3),
-    Task("ptb", "PTB, GPT (2 layers, 128 wide), 100,000 training tokens", "transformer", "ptb",
-         {"train_examples": 100_000, "validation_examples": 20_000, "epochs": 1},
-         ("none", "dropout:0.1", "dropout:0.2", "dropout:0.3"),
-         trials=6, search_seeds=1, final_epochs=2, final_seeds=3),
+    Task("fashion-mnist", "Fashion-MNIST, WRN-10-1, 1,000 training images, 40 epochs",
+         "convnet", {}, IMAGE_GRID, grid_seeds=2, trials=60, search_seeds=3, asha=(4, 3.0),
+         final_seeds=5),
+    Task("ptb", "PTB, GPT (2 layers, 128 wide), 50,000 training tokens, 10 epochs",
+         "transformer", {}, ("none", "dropout:0.05", "dropout:0.1"), grid_seeds=1, trials=12,
+         search_seeds=1, asha=(2, 3.0), final_seeds=3, finals="best"),
 )
 QUICK = (
-    Task("fashion-mnist", "Fashion-MNIST, WRN-10-2, toy: 512 training examples", "convnet",
-         "fashion-mnist", {"train_examples": 512, "validation_examples": 256, "epochs": 1,
-                           "width": 2},
-         ("none", "dropout:0.1", "dropout:0.3", "spatial:0.1", "dropblock:0.1:3"),
-         trials=3, search_seeds=2, final_epochs=1, final_seeds=2, test_examples=1000),
-    Task("ptb", "PTB, GPT (2 layers, 128 wide), toy: 16,384 training tokens", "transformer",
-         "ptb", {"train_examples": 16_384, "validation_examples": 4096, "epochs": 1},
-         ("none", "dropout:0.1"), trials=2, search_seeds=1, final_epochs=1, final_seeds=2,
-         test_examples=8192),
+    Task("fashion-mnist", "Fashion-MNIST, WRN-10-1, toy: 256 training images, 2 epochs",
+         "convnet", {"train_examples": 256, "validation_examples": 256, "epochs": 2,
+                     "eval_every": 2}, ("none", "dropout:0.1", "dropblock:0.1:3"), grid_seeds=1,
+         trials=4, search_seeds=2, asha=(1, 2.0), final_seeds=2, test_examples=512),
+    Task("ptb", "PTB, GPT, toy: 8,192 training tokens, 2 epochs", "transformer",
+         {"train_examples": 8192, "validation_examples": 4096, "epochs": 2, "eval_every": 2},
+         ("none", "dropout:0.1"), grid_seeds=1, trials=2, search_seeds=1, asha=(1, 2.0),
+         final_seeds=2, finals="best", test_examples=8192),
 )
 
 
-@dataclass
-class GridRun:
+@dataclass(frozen=True)
+class Job:
+    """One grid or final training run, done in a one-thread worker process."""
+
+    stage: str
+    """``grid`` (validation hold-out) or ``final`` (test split)."""
+    task: str
+    space_path: str
     ref: str
-    family: str
-    validation: float
-    seconds: float
+    """A baseline reference, or ``pattern:<hash>`` with the pattern in ``pattern``."""
+    seed: int
+    data_dir: str | None
+    test_examples: int | None = None
+    pattern: str | None = None
+    """The pattern's JSON, for a pattern row."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}/{self.task}/{self.ref}/{self.seed}"
 
 
 @dataclass
-class SearchRun:
+class Search:
+    """One search's trials as the store has them, in the order they were proposed."""
+
     controller: str
     seed: int
     name: str
-    validation: list[float | None]
+    trials: list[dict[str, Any]]
+    """Per trial: ``status``, ``reward``, ``score`` (validation metric), ``cpu_hours``
+    (its duration times one CPU) and ``ended`` (its rank in the order trials ended)."""
+    wall_seconds: float
     best_hash: str | None
-    best_validation: float | None
-    seconds: float
+    best_score: float | None
+    status: str = "completed"
 
-    def best_so_far(self, better) -> list[float]:
-        best, curve = math.nan, []
-        for value in self.validation:
-            if value is not None and (math.isnan(best) or better(value, best)):
-                best = value
-            curve.append(best)
-        return curve
+    @property
+    def cpu_hours(self) -> float:
+        return sum(t["cpu_hours"] for t in self.trials)
 
 
 @dataclass
 class Row:
     method: str
-    subject: str
+    ref: str
     validation: float
-    tuning_seconds: float
-    regularizer: Baseline | Pattern
-    test: list[float] = field(default_factory=list)
-    final_seconds: float = 0.0
+    choosing_hours: float
+    pattern: str | None = None
+    test: dict[int, float] = field(default_factory=dict)
+    final_hours: float = 0.0
 
 
+# -- driver --------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes, for smoke testing")
-    parser.add_argument("--out", help="results folder (default: benchmarks/results/"
-                        "search_quality, or a temporary folder with --quick)")
+    parser.add_argument("--out", help="results folder (default: benchmarks/reports/"
+                        "search_quality; with --quick: benchmarks/results/search_quality-quick)")
     parser.add_argument("--data-dir", default=os.environ.get("AUTODROPOUT_DATA_DIR")
                         or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None),
                         help="dataset folder (default: $AUTODROPOUT_DATA_DIR or ../shared/data)")
     parser.add_argument("--tasks", nargs="+", choices=[t.key for t in FULL],
                         default=[t.key for t in FULL])
+    parser.add_argument("--workers", type=int, default=2, help="grid/final processes")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report "
+                        "from the runs and searches in --out so far, train nothing")
+    parser.add_argument("--ship", action="store_true", help="write each task's searched "
+                        "winner from the finished run in --out as a built-in pattern")
     args = parser.parse_args(argv)
-
-    started = time.perf_counter()
-    out = Path(args.out or (tempfile.mkdtemp(prefix="search-quality-") if args.quick
-                            else REPO / "benchmarks" / "results" / "search_quality"))
+    default = "results/search_quality-quick" if args.quick else "reports/search_quality"
+    out = Path(args.out or REPO / "benchmarks" / default)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    db = f"sqlite:///{out / 'store.db'}"
     tasks = [t for t in (QUICK if args.quick else FULL) if t.key in args.tasks]
+    if args.ship:
+        results = json.loads((out / "results.json").read_text())
+        for task in tasks:
+            ship(task, results["tasks"][task.key], out)
+        return 0
+    started = time.perf_counter()
     print(f"search quality{' (quick)' if args.quick else ''}: {', '.join(args.tasks)}; "
-          f"{threads} cores; results in {out}", flush=True)
-    start_ray(threads)
+          f"results in {out}", flush=True)
+    ray = None if args.report_only else start_ray(2)
     sections, raw = [], {}
-    for task in tasks:
-        section, raw[task.key] = run_task(task, args.data_dir, out, db, threads)
-        sections.append(section)
-    elapsed = time.perf_counter() - started
-    footer = (f"Total wall-clock time: {elapsed / 60:.1f} min on {threads} cores "
-              f"({'quick, toy sizes' if args.quick else 'full run'}).")
-    report = "\n\n".join([*sections, footer]) + "\n"
-    (out / "results.md").write_text(report)
-    (out / "results.json").write_text(json.dumps({"elapsed_seconds": elapsed, "cores": threads,
-                                                  "quick": args.quick, "tasks": raw}, indent=2))
-    print("\n" + report, end="")
-    print(f"took {elapsed:.0f} s; wrote {out / 'results.md'}")
+    try:
+        for task in tasks:
+            section, raw[task.key] = run_task(task, args, out)
+            sections.append(section)
+            write_report(out, sections, raw, args.quick)
+    finally:
+        if ray is not None:
+            ray.shutdown()
+            log_invocation(out, time.perf_counter() - started, args)
+    write_report(out, sections, raw, args.quick)
     return 0
 
 
-def start_ray(threads: int) -> None:
+def log_invocation(out: Path, seconds: float, args: argparse.Namespace) -> None:
+    """Append this invocation's wall time to ``invocations.jsonl`` (a resumed run's total is
+    the sum over its invocations)."""
+    with (out / "invocations.jsonl").open("a", encoding="utf-8") as log:
+        log.write(json.dumps({"ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "seconds": seconds, "tasks": args.tasks}) + "\n")
+
+
+def start_ray(cpus: int):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    return ray
 
 
-def run_task(task: Task, data_dir: str | None, out: Path, db: str,
-             threads: int) -> tuple[str, dict[str, Any]]:
+def write_report(out: Path, sections: list[str], raw: dict[str, Any], quick: bool) -> None:
+    invocations = load_runs(out / "invocations.jsonl")
+    elapsed = sum(i["seconds"] for i in invocations)
+    footer = (f"Wall-clock time: {elapsed / 60:.1f} min on 2 cores over {len(invocations)} "
+              f"invocation(s), each ending at {', '.join(i['ended'] for i in invocations)} "
+              f"({'quick, toy sizes' if quick else 'full run'}); every run's CPU time is in "
+              "the tables.")
+    report = "# Search quality\n\n" + "\n\n".join([*sections, footer]) + "\n"
+    (out / "results.md").write_text(report, encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(
+        {"elapsed_seconds": elapsed, "invocations": invocations, "quick": quick,
+         "tasks": raw}, indent=2), encoding="utf-8")
+    print("\n" + report, flush=True)
+
+
+def run_task(task: Task, args: argparse.Namespace, out: Path) -> tuple[str, dict[str, Any]]:
     print(f"\n== {task.title}", flush=True)
-    space, space_path = derived_space(task, out)
-    budget = Budget.from_mapping(space.budget)
-    bundle = load_dataset(task.dataset, data_dir)
-    if task.test_examples is not None:
-        bundle = dataclasses.replace(bundle, test=training_subset(bundle.test, task.test_examples))
-    holdout = validation_split(bundle.train, budget.validation_examples, budget.train_examples)
-
-    grid = [run_grid_point(task, ref, bundle, holdout, budget) for ref in task.grid]
-    with tempfile.TemporaryDirectory(prefix="tune-") as experiments:
-        searches = [run_one_search(task, controller, seed, space_path, data_dir,
-                                   Path(experiments), db, threads)
-                    for controller in CONTROLLERS for seed in range(task.search_seeds)]
-    rows = choose_rows(task, grid, searches, db, threads)
-    final_budget = dataclasses.replace(budget, epochs=task.final_epochs)
-    for row in rows:
-        run_finals(task, row, bundle, holdout.train, final_budget, space.site_modules, db, threads)
+    space_path = derived_space(task, out)
+    runs_path = out / "runs.jsonl"
+    stage = time.perf_counter()
+    grid_jobs = [Job("grid", task.key, str(space_path), ref, seed, args.data_dir)
+                 for seed in range(task.grid_seeds) for ref in task.grid]
+    if not args.report_only:
+        run_jobs(grid_jobs, runs_path, args.workers, run_job, describe)
+        print(f"grid: {(time.perf_counter() - stage) / 60:.1f} min wall", flush=True)
+    grid = [r for r in load_runs(runs_path)
+            if r["stage"] == "grid" and r["task"] == task.key and r["ref"] in task.grid]
+    searches = [(read_stored_search if args.report_only else run_one_search)(
+                    task, controller, seed, space_path, args.data_dir, out)
+                for seed in range(task.search_seeds) for controller in CONTROLLERS]
+    searches = [search for search in searches if search is not None]
+    rows = choose_rows(task, grid, searches, out)
+    stage = time.perf_counter()
+    final_jobs = [Job("final", task.key, str(space_path), row.ref, FINAL_SEED0 + seed,
+                      args.data_dir, task.test_examples, row.pattern)
+                  for row in rows for seed in range(task.final_seeds)]
+    if not args.report_only:
+        run_jobs(final_jobs, runs_path, args.workers, run_job, describe)
+        print(f"finals: {(time.perf_counter() - stage) / 60:.1f} min wall", flush=True)
+    for run in load_runs(runs_path):
+        for row in rows:
+            if run["stage"] == "final" and run["task"] == task.key and run["ref"] == row.ref:
+                row.test[run["seed"]] = run["value"]
+                row.final_hours += run["cpu_seconds"] / 3600
     plot_search(task, searches, out / f"{task.key}-search.png")
-    section = markdown(task, budget, len(bundle.test), grid, searches, rows, threads,
-                       f"{task.key}-search.png")
-    raw = {
-        "budget": dataclasses.asdict(budget),
-        "final_epochs": task.final_epochs,
-        "test_examples": len(bundle.test),
-        "grid": [dataclasses.asdict(g) for g in grid],
-        "searches": [dataclasses.asdict(s) for s in searches],
-        "rows": [{"method": r.method, "subject": r.subject, "validation": r.validation,
-                  "test": r.test, "tuning_seconds": r.tuning_seconds,
-                  "final_seconds": r.final_seconds} for r in rows],
-    }
+    section = markdown(task, grid, searches, rows, f"{task.key}-search.png")
+    raw = {"space": space_path.name, "grid": grid,
+           "searches": [asdict(s) for s in searches],
+           "rows": [asdict(r) for r in rows]}
     return section, raw
 
 
-def derived_space(task: Task, out: Path):
-    """The shipped space with the task's budget: same name, sites and decisions."""
-    shipped = search_spaces.loader.resolve(task.space)
-    data = yaml.safe_load(shipped.read_text())
-    data["budget"] = {**data["budget"], "dataset": task.dataset, **task.budget}
+def derived_space(task: Task, out: Path) -> Path:
+    """The shipped space with the task's budget changes (none in the full run)."""
+    import search_spaces
+
+    data = yaml.safe_load(search_spaces.loader.resolve(task.space).read_text())
+    data["budget"] = {**data["budget"], **task.budget}
     path = out / f"{task.key}-space.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return search_spaces.load(path), path
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
 
 
-def run_grid_point(task: Task, ref: str, bundle: DatasetBundle, holdout, budget: Budget) -> GridRun:
-    """One baseline at one rate, trained like a search trial (seed 0) and validated."""
-    started = time.perf_counter()
-    baseline = parse_regularizer(ref)
-    model = build_child(budget, bundle, 0, {})
-    apply_baseline(model, baseline)
-    metrics = train_child(model, None, None, holdout, budget, seed=0)
-    run = GridRun(str(baseline), baseline.family, task.score(metrics["reward"]),
-                  time.perf_counter() - started)
-    print(f"grid {run.ref}: validation {task.metric} {run.validation:.4f} ({run.seconds:.0f} s)",
-          flush=True)
-    return run
+# -- grid and final runs (worker processes) --------------------------------------------------
+def run_job(job: Job) -> dict[str, Any]:
+    """Train one grid or final run and score it; runs in a one-thread worker process."""
+    import dataclasses
+
+    import search_spaces
+    from autodropout.patterns import Pattern
+    from workers.baselines import parse_regularizer
+    from workers.datasets import load_dataset, validation_split
+    from workers.final import train_final, training_subset
+    from workers.regularizers import apply_baseline
+    from workers.training import Budget, build_child, train_child
+
+    cpu = time.process_time()
+    space = search_spaces.load(job.space_path)
+    budget = Budget.from_mapping(space.budget)
+    bundle = load_dataset(budget.dataset, job.data_dir, download=False)
+    holdout = validation_split(bundle.train, budget.validation_examples, budget.train_examples)
+    regularizer = (Pattern.from_dict(json.loads(job.pattern)) if job.pattern
+                   else parse_regularizer(job.ref))
+    metric = "val_perplexity" if bundle.kind == "text" else "val_accuracy"
+    if job.stage == "grid":
+        model = build_child(budget, bundle, job.seed, {})
+        apply_baseline(model, regularizer)
+        value = train_child(model, None, None, holdout, budget, "cpu", job.seed)[metric]
+    else:
+        if job.test_examples is not None:
+            bundle = dataclasses.replace(bundle, test=training_subset(bundle.test,
+                                                                      job.test_examples))
+        value = train_final(bundle, budget, regularizer, job.seed, train=holdout.train,
+                            site_modules=space.site_modules).value
+    return {"key": job.key, "stage": job.stage, "task": job.task, "ref": job.ref,
+            "seed": job.seed, "value": value, "cpu_seconds": time.process_time() - cpu}
 
 
+def describe(run: dict[str, Any]) -> str:
+    split = "validation" if run["stage"] == "grid" else "test"
+    return f"{split} {run['value']:.4f}, {run['cpu_seconds'] / 60:.2f} CPU-min"
+
+
+# -- searches --------------------------------------------------------------------------------
 def run_one_search(task: Task, controller: str, seed: int, space_path: Path,
-                   data_dir: str | None, experiments: Path, db: str, threads: int) -> SearchRun:
+                   data_dir: str | None, out: Path) -> Search:
+    """Run (or resume, or reuse) one ASHA search in the run's store and read its trials."""
     from controller.service import SearchOptions, run_search
     from patterns_db import PatternStore
+    from patterns_db.states import SearchState
 
-    name = f"{task.key}-{controller}-seed{seed}"
-    result = run_search(SearchOptions(
-        space=str(space_path), trials=task.trials, concurrent=1, controller=controller,
-        db=db, name=name, seed=seed, data_dir=data_dir, cpus_per_trial=threads,
-        experiments_dir=str(experiments), progress=False,
-    ))
+    db, name = f"sqlite:///{out / 'store.db'}", f"{task.key}-{controller}-seed{seed}"
+    with PatternStore(db) as store:
+        state = next((s.search.status for s in store.searches() if s.search.name == name), None)
+    started = time.perf_counter()
+    if state != SearchState.COMPLETED:
+        grace, reduction = task.asha
+        fresh = dict(space=str(space_path), controller=controller, name=name, seed=seed,
+                     scheduler="asha", asha_grace=grace, asha_reduction=reduction)
+        result = run_search(SearchOptions(
+            trials=task.trials, concurrent=2, db=db, data_dir=data_dir, cpus_per_trial=1,
+            experiments_dir=str(out / "experiments"), progress=False,
+            **({"resume": name} if state is not None else fresh)))
+        if result.status != SearchState.COMPLETED:  # interrupted or failed: no row from it
+            why = result.error or "no trial error"
+            raise SystemExit(f"search {name} ended {result.status} ({why}); rerun this "
+                             "command to resume it")
+    search = read_search(task, controller, seed, name, db, time.perf_counter() - started)
+    counts = {s: sum(t["status"] == s for t in search.trials)
+              for s in {t["status"] for t in search.trials}}
+    shown = "-" if search.best_score is None else f"{search.best_score:.4f}"
+    print(f"search {name}: {counts}, best validation {task.metric} {shown}, "
+          f"{search.cpu_hours:.3f} CPU-h, {search.wall_seconds / 60:.1f} min wall", flush=True)
+    return search
+
+
+def read_stored_search(task: Task, controller: str, seed: int, space_path: Path,
+                       data_dir: str | None, out: Path) -> Search | None:
+    """The search as the store has it now (any state), or ``None`` if it never started."""
+    from patterns_db import PatternStore
+
+    db, name = f"sqlite:///{out / 'store.db'}", f"{task.key}-{controller}-seed{seed}"
+    with PatternStore(db) as store:
+        if not any(s.search.name == name for s in store.searches()):
+            return None
+    return read_search(task, controller, seed, name, db, math.nan)
+
+
+def read_search(task: Task, controller: str, seed: int, name: str, db: str,
+                wall: float) -> Search:
+    from patterns_db import PatternStore
+
     with PatternStore(db) as store:
         trials = store.trials(name, with_metrics=False)
-    validation = [None if t.reward is None else task.score(t.reward) for t in trials]
-    best = None if result.best_reward is None else task.score(result.best_reward)
-    run = SearchRun(controller, seed, name, validation, result.best_hash, best, result.elapsed)
-    shown = "-" if best is None else f"{best:.4f}"
-    print(f"search {name}: {result.status}, {len(trials)} trials, best validation "
-          f"{task.metric} {shown} ({run.seconds:.0f} s)", flush=True)
-    return run
+        status = str(store.get_search(name).status)
+    trials = sorted(trials, key=lambda t: (t.created_at, t.trial_id))
+    ended = {t.trial_id: rank for rank, t in enumerate(sorted(trials, key=lambda t: t.updated_at))}
+    rows = [{"trial": t.trial_id, "status": str(t.status), "reward": t.reward,
+             "hash": t.pattern_hash, "ended": ended[t.trial_id],
+             "score": None if t.reward is None else task.score(t.reward),
+             "cpu_hours": (t.duration or 0.0) / 3600} for t in trials]
+    done = [r for r in rows if r["status"] == "completed" and r["score"] is not None]
+    best = task.best_of(done, lambda r: r["score"]) if done else None
+    return Search(controller, seed, name, rows, wall, best and best["hash"],
+                  best and best["score"], status)
 
 
-def choose_rows(task: Task, grid: list[GridRun], searches: list[SearchRun], db: str,
-                threads: int) -> list[Row]:
-    """Each controller's best pattern over its seeds, "none", and each family's best rate."""
+def best_so_far(task: Task, search: Search, order: str = "trial") -> list[tuple[float, float]]:
+    """(x, best completed score so far) after each trial: x is the trial number in proposal
+    order, or (``order="cpu"``) the CPU-hours spent by then in the order trials ended."""
+    trials = search.trials if order == "trial" else sorted(search.trials, key=lambda t: t["ended"])
+    best, spent, curve = math.nan, 0.0, []
+    for number, trial in enumerate(trials, 1):
+        spent += trial["cpu_hours"]
+        score = trial["score"] if trial["status"] == "completed" else None
+        if score is not None and (math.isnan(best) or task.better(score, best)):
+            best = score
+        curve.append((number if order == "trial" else spent, best))
+    return curve
+
+
+def value_at(curve: list[tuple[float, float]], x: float) -> float:
+    """The step function ``curve`` at ``x`` (NaN before its first point and after its last:
+    a search that has not got that far has no value there)."""
+    if not curve or x > curve[-1][0] + 1e-12:
+        return math.nan
+    value = math.nan
+    for point, best in curve:
+        if point > x + 1e-12:
+            break
+        value = best
+    return value
+
+
+# -- rows ------------------------------------------------------------------------------------
+def choose_rows(task: Task, grid: list[dict[str, Any]], searches: list[Search],
+                out: Path) -> list[Row]:
+    """Each controller's best winner, "none", and each family's best rate by validation."""
     from patterns_db import PatternStore
+    from workers.baselines import parse_regularizer
 
     rows = []
     for controller in CONTROLLERS:
-        runs = [s for s in searches if s.controller == controller and s.best_hash]
+        runs = [s for s in searches
+                if s.controller == controller and s.best_hash and s.status == "completed"]
         if not runs:
             print(f"{controller}: no completed trial, no row", flush=True)
             continue
-        best = task.best_of(runs, lambda run: run.best_validation)
-        with PatternStore(db) as store:
+        best = task.best_of(runs, lambda s: s.best_score)
+        with PatternStore(f"sqlite:///{out / 'store.db'}") as store:
             pattern = store.resolve(best.best_hash).pattern
-        cost = sum(s.seconds for s in searches if s.controller == controller)
-        rows.append(Row(f"{controller} search", f"pattern {best.best_hash[:12]}",
-                        best.best_validation, cost * threads, pattern))
-    for family in dict.fromkeys(g.family for g in grid):
-        runs = [g for g in grid if g.family == family]
-        best = task.best_of(runs, lambda run: run.validation)
-        tuning = 0.0 if family == "none" else sum(g.seconds for g in runs) * threads
-        rows.append(Row(family if family == "none" else f"{family} (tuned)", best.ref,
-                        best.validation, tuning, parse_regularizer(best.ref)))
+        cost = sum(s.cpu_hours for s in searches if s.controller == controller)
+        rows.append(Row(f"{controller} search", f"pattern:{best.best_hash}", best.best_score,
+                        cost, json.dumps(pattern.to_dict())))
+    if task.finals == "best" and rows:
+        rows = [task.best_of(rows, lambda r: r.validation)]
+    families: dict[str, dict[str, list[dict]]] = {}
+    for run in grid:
+        family = parse_regularizer(run["ref"]).family
+        families.setdefault(family, {}).setdefault(run["ref"], []).append(run)
+    for family, refs in families.items():
+        means = {ref: statistics.fmean(x["value"] for x in runs) for ref, runs in refs.items()}
+        ref = task.best_of(list(means), means.get)
+        cost = sum(x["cpu_seconds"] for runs in refs.values() for x in runs) / 3600
+        rows.append(Row(family if family == "none" else f"{family} (tuned)", ref, means[ref],
+                        cost))
     return rows
 
 
-def run_finals(task: Task, row: Row, bundle: DatasetBundle, train, budget: Budget,
-               site_modules, db: str, threads: int) -> None:
-    from patterns_db import PatternStore
+# -- report ----------------------------------------------------------------------------------
+def markdown(task: Task, grid: list[dict[str, Any]], searches: list[Search], rows: list[Row],
+             png: str) -> str:
+    grace, reduction = task.asha
+    lines = [f"## {task.title}", "",
+             f"Grid: {len(task.grid)} settings x {task.grid_seeds} seed(s) on the validation "
+             f"hold-out; searches: {task.trials} trials each, {task.search_seeds} seed(s) per "
+             f"controller, ASHA grace {grace} epochs, reduction {reduction:g}; finals: "
+             f"{task.final_seeds} seeds ({FINAL_SEED0}-{FINAL_SEED0 + task.final_seeds - 1}) per "
+             "row, scored on the test split.", "",
+             grid_table(task, grid), "", search_table(task, searches), "",
+             f"| method | chosen | validation {task.metric} | test {task.metric} mean ± std "
+             "(n) | choosing CPU-h | final CPU-h |", "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        mean, std = _mean_std(list(row.test.values()))
+        test = "-" if not row.test else f"{mean:.4f} ± {std:.4f} ({len(row.test)})"
+        lines.append(f"| {row.method} | `{row.ref[:20]}` | {row.validation:.4f} | {test} | "
+                     f"{row.choosing_hours:.3f} | {row.final_hours:.3f} |")
+    lines += ["", paired_table(task, rows), "", rl_against_random(task, searches), "",
+              f"![best-so-far validation {task.metric}, RL against random]({png})"]
+    return "\n".join(lines)
 
-    link = ({"baseline": str(row.regularizer)} if isinstance(row.regularizer, Baseline)
-            else {"pattern": row.regularizer})
-    for seed in range(task.final_seeds):
-        result = train_final(bundle, budget, row.regularizer, seed, train=train,
-                             site_modules=site_modules)
-        row.final_seconds += result.seconds * threads
-        if math.isfinite(result.value):
-            row.test.append(result.value)
-            with PatternStore(db) as store:
-                store.add_final_evaluation(task.dataset, budget.model, seed, result.metric,
-                                           result.value, **link)
-        print(f"final {row.method} [{row.subject}] seed {seed}: {result.metric} "
-              f"{result.value:.4f} ({result.seconds:.0f} s)", flush=True)
+
+def grid_table(task: Task, grid: list[dict[str, Any]]) -> str:
+    lines = [f"| grid setting | validation {task.metric} (mean over seeds) | CPU-min |",
+             "|---|---:|---:|"]
+    for ref in task.grid:
+        runs = [r for r in grid if r["ref"] == ref]
+        if runs:
+            lines.append(f"| {ref} | {statistics.fmean(r['value'] for r in runs):.4f} | "
+                         f"{sum(r['cpu_seconds'] for r in runs) / 60:.1f} |")
+    return "\n".join(lines)
 
 
-def plot_search(task: Task, searches: list[SearchRun], path: Path) -> None:
+def search_table(task: Task, searches: list[Search]) -> str:
+    lines = [f"| search | state | trials (completed / early-stopped / failed) | best completed "
+             f"validation {task.metric} | CPU-h |", "|---|---|---|---:|---:|"]
+    for search in searches:
+        counts = [sum(t["status"] == state for t in search.trials)
+                  for state in ("completed", "early-stopped", "failed")]
+        best = "-" if search.best_score is None else f"{search.best_score:.4f}"
+        lines.append(f"| {search.name} | {search.status} | {len(search.trials)} "
+                     f"({' / '.join(map(str, counts))}) | {best} | {search.cpu_hours:.3f} |")
+    return "\n".join(lines)
+
+
+def paired_table(task: Task, rows: list[Row]) -> str:
+    """Each searched row minus the best tuned baseline (by validation) and minus none."""
+    baselines = [r for r in rows if r.pattern is None and r.ref != "none"]
+    none = next((r for r in rows if r.ref == "none"), None)
+    best = task.best_of(baselines, lambda r: r.validation) if baselines else None
+    unit = "perplexity" if task.is_text else "points"
+    lines = [f"Paired test differences (same final seeds), searched row minus baseline, in "
+             f"{unit}, 95 % t-interval; the best tuned baseline by validation is "
+             f"{best.ref if best else '-'}:", "",
+             "| searched row | against | difference [95 % t] |", "|---|---|---|"]
+    scale = 1.0 if task.is_text else 100.0
+    for row in (r for r in rows if r.pattern is not None):
+        for other in (b for b in (best, none) if b is not None):
+            seeds = sorted(row.test.keys() & other.test.keys())
+            gaps = [scale * (row.test[s] - other.test[s]) for s in seeds]
+            lines.append(f"| {row.method} | {other.ref} | {_interval(gaps)} |")
+    return "\n".join(lines)
+
+
+def rl_against_random(task: Task, searches: list[Search]) -> str:
+    seeds = sorted({s.seed for s in searches})
+    by = {(s.controller, s.seed): s for s in searches}
+    marks = sorted({n for n in (10, 20, 30, 40, 50, 60) if n <= task.trials} | {task.trials})
+    lines = [f"RL against random: best completed validation {task.metric} after N trials, mean "
+             f"over {len(seeds)} seed(s); difference paired by seed with a 95 % t-interval:", "",
+             "| N | RL | random | RL - random |", "|---:|---:|---:|---|"]
+    for n in marks:
+        values = {c: {seed: value_at(best_so_far(task, by[c, seed]), n)
+                      for seed in seeds if (c, seed) in by} for c in CONTROLLERS}
+        gaps = [values["rl"][s] - values["random"][s] for s in seeds
+                if s in values["rl"] and s in values["random"]]
+        lines.append(f"| {n} | {_mean(values['rl'].values())} | "
+                     f"{_mean(values['random'].values())} | {_interval(gaps, 4)} |")
+    lines += ["", f"Mean reward of the last {LAST} trials of each search (the reward each trial "
+              "reported last: an early-stopped trial's is its last rung's), pooled over seeds, "
+              "with a 95 % t-interval, and RL minus random (Welch):", "",
+              "| controller | trials | mean reward [95 % t] | CPU-h (all seeds) |",
+              "|---|---:|---|---:|"]
+    pooled = {}
+    for controller in CONTROLLERS:
+        mine = [s for s in searches if s.controller == controller]
+        pooled[controller] = [t["reward"] for s in mine for t in s.trials[-LAST:]
+                              if t["reward"] is not None]
+        lines.append(f"| {controller} | {len(pooled[controller])} | "
+                     f"{_interval(pooled[controller], 4, sign='')} | "
+                     f"{sum(s.cpu_hours for s in mine):.3f} |")
+    lines += ["", f"RL - random, last {LAST} trials: {_welch(pooled['rl'], pooled['random'])}"]
+    return "\n".join(lines)
+
+
+def plot_search(task: Task, searches: list[Search], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    import numpy as np
 
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for controller, color in zip(CONTROLLERS, ("tab:red", "tab:blue")):
-        for search in (s for s in searches if s.controller == controller):
-            curve = search.best_so_far(task.is_better)
-            axes.plot(range(1, len(curve) + 1), curve, color=color,
-                      linestyle=SEED_STYLES[search.seed % len(SEED_STYLES)], marker="o",
-                      markersize=3, label=f"{controller}, seed {search.seed}")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("trial")
-    axes.set_ylabel(f"best validation {task.metric} so far")
-    axes.set_title(task.title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, order, label in ((axes[0], "trial", "trials"), (axes[1], "cpu", "CPU-hours")):
+        for controller in CONTROLLERS:
+            curves = [best_so_far(task, s, order) for s in searches if s.controller == controller]
+            if not curves:
+                continue
+            end = max(c[-1][0] for c in curves)
+            xs = np.arange(1, end + 1) if order == "trial" else np.linspace(0, end, 200)
+            ys = np.array([[value_at(c, x) for x in xs] for c in curves])  # (seeds, points)
+            with np.errstate(all="ignore"):
+                axis.plot(xs, np.nanmean(ys, axis=0), color=COLOURS[controller],
+                          label=f"{controller} (mean of {len(curves)})")
+                axis.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0),
+                                  color=COLOURS[controller], alpha=0.2)
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel(f"best completed validation {task.metric}")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{task.title}: best so far, band = min-max over seeds", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def markdown(task: Task, budget: Budget, test_examples: int, grid: list[GridRun],
-             searches: list[SearchRun], rows: list[Row], threads: int, png: str) -> str:
-    hours = 3600.0
-    unit = "tokens" if task.is_text else "examples"
-    lines = [
-        f"### {task.title}",
-        "",
-        f"Trials and grid runs: {budget.epochs} epoch(s) on {budget.train_examples} training "
-        f"{unit}, validated on {budget.validation_examples} held out; {task.trials} trials per "
-        f"search, {task.search_seeds} search seed(s) per controller. Final: {task.final_epochs} "
-        f"epoch(s) on the same training {unit}, {task.final_seeds} seeds, scored on "
-        f"{test_examples} test {unit}.",
-        "",
-        f"| method | chosen | validation {task.metric} | test {task.metric} (mean ± std) "
-        "| choosing (CPU-h) | final (CPU-h) |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        mean, std = summarize(row.test)
-        spread = "n/a" if math.isnan(std) else f"{std:.4f}"
-        lines.append(f"| {row.method} | {row.subject} | {row.validation:.4f} | {mean:.4f} ± "
-                     f"{spread} (n={len(row.test)}) | {row.tuning_seconds / hours:.3f} | "
-                     f"{row.final_seconds / hours:.3f} |")
-    grid_hours = sum(g.seconds for g in grid) * threads / hours
-    search_hours = sum(s.seconds for s in searches) * threads / hours
-    lines += ["", f"Whole grid (including `none`): {grid_hours:.3f} CPU-h; all searches: "
-              f"{search_hours:.3f} CPU-h.", "", rl_against_random(task, searches), "",
-              f"![best-so-far validation {task.metric} against trials]({png})"]
-    return "\n".join(lines)
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def rl_against_random(task: Task, searches: list[SearchRun]) -> str:
-    """Best-so-far after N trials per controller over seeds, and the paired difference."""
-    curves = {c: {s.seed: s.best_so_far(task.is_better) for s in searches if s.controller == c}
-              for c in CONTROLLERS}
-    checkpoints = sorted({max(1, task.trials // 4), max(1, task.trials // 2), task.trials})
-    lines = [f"RL against random, best validation {task.metric} after N trials "
-             f"({task.search_seeds} seed(s) each; difference paired by seed, RL minus random):",
-             "", "| N | RL mean ± std | random mean ± std | RL - random mean ± std |",
-             "|---:|---:|---:|---:|"]
-    for n in checkpoints:
-        values = {c: {seed: curve[n - 1] for seed, curve in curves[c].items() if len(curve) >= n}
-                  for c in CONTROLLERS}
-        differences = [values["rl"][seed] - values["random"][seed]
-                       for seed in values["rl"].keys() & values["random"].keys()]
-        cells = [format_spread(list(values["rl"].values())),
-                 format_spread(list(values["random"].values())), format_spread(differences)]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def format_spread(values: list[float]) -> str:
+def _mean(values) -> str:
     finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return "n/a"
-    mean, std = summarize(finite)
-    return f"{mean:.4f}" + ("" if math.isnan(std) else f" ± {std:.4f}")
+    return f"{statistics.fmean(finite):.4f}" if finite else "-"
+
+
+def _interval(values: list[float], digits: int = 2, sign: str = "+") -> str:
+    """Mean and 95 % t-interval; ``sign=""`` for a level rather than a difference."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "-"
+    mean, low, high = t_interval(values)
+    number = f"{{:{sign}.{digits}f}}".format
+    if math.isnan(low):
+        return f"{number(mean)} (n=1)"
+    return f"{number(mean)} [{number(low)}, {number(high)}] (n={len(values)})"
+
+
+def _welch(a: list[float], b: list[float]) -> str:
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    test = stats.ttest_ind(a, b, equal_var=False)
+    low, high = test.confidence_interval(0.95)
+    return (f"{statistics.fmean(a) - statistics.fmean(b):+.4f} [{low:+.4f}, {high:+.4f}], "
+            f"p = {test.pvalue:.2g}")
+
+
+# -- built-in patterns -----------------------------------------------------------------------
+def ship(task: Task, raw: dict[str, Any], out: Path) -> None:
+    """Write the task's best searched row (by validation) as a built-in pattern, with its
+    provenance and measured test gains, into ``autodropout/builtin``."""
+    from autodropout.builtin import write_builtin
+    from autodropout.patterns import Pattern
+
+    rows = [Row(**r) for r in raw["rows"]]
+    searched = [r for r in rows if r.pattern is not None]
+    if not searched:
+        print(f"{task.key}: no searched row to ship", flush=True)
+        return
+    row = task.best_of(searched, lambda r: r.validation)
+    baselines = [r for r in rows if r.pattern is None and r.ref != "none"]
+    best = task.best_of(baselines, lambda r: r.validation) if baselines else None
+    none = next((r for r in rows if r.ref == "none"), None)
+    search = next(s for s in raw["searches"] if s["best_hash"] == row.ref.split(":", 1)[1])
+    pattern = Pattern.from_dict(json.loads(row.pattern))
+    entry = builtin_entry(task, row, best, none, search, out)
+    write_builtin(pattern, entry)
+    print(f"shipped builtin:{entry['name']} ({row.ref[:20]})", flush=True)
+
+
+def builtin_entry(task: Task, row: Row, best: Row | None, none: Row | None,
+                  search: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The catalog entry (:mod:`autodropout.builtin.catalog`) of a shipped row: where it was
+    found, and its paired test differences in the metric's units (pattern minus baseline)."""
+    import search_spaces
+
+    budget = search_spaces.load(out / f"{task.key}-space.yaml").budget
+
+    def gap(other: Row | None) -> dict[str, float] | None:
+        if other is None:
+            return None
+        seeds = sorted(row.test.keys() & other.test.keys(), key=int)
+        mean, low, high = t_interval([row.test[s] - other.test[s] for s in seeds])
+        return {"mean": mean, "low": low, "high": high}
+
+    mean, std = _mean_std(list(row.test.values()))
+    shapes = {"convnet": [16, 28, 28], "transformer": [budget.get("context", 64), 128]}
+    return {
+        "name": f"{budget['model']}-{budget['dataset']}", "version": 1,
+        "summary": f"{row.method} winner, {task.title}",
+        "space": task.space, "dataset": budget["dataset"], "model": budget["model"],
+        "model_args": {"width": budget["width"]} if "width" in budget else {},
+        "map_shape": shapes[task.space],
+        "search": {"name": search["name"], "controller": search["controller"],
+                   "seed": search["seed"], "trials": len(search["trials"])},
+        "validation": {"metric": f"val_{task.metric}", "value": row.validation},
+        "test": {"metric": f"test_{task.metric}", "seeds": sorted(int(s) for s in row.test),
+                 "mean": mean, "std": std, "best_fixed": best and best.ref,
+                 "vs_none": gap(none), "vs_best_fixed": gap(best) if best else None},
+        "report": "benchmarks/reports/search_quality/results.md",
+    }
 
 
 if __name__ == "__main__":

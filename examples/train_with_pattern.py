@@ -14,8 +14,10 @@ shows which module got which site. In ``model.eval()`` every mask is off.
     python examples/train_with_pattern.py --pattern pattern.json [--epochs 5]
 
 ``--pattern`` is a JSON or YAML file as ``autodropout patterns export NAME -o pattern.json``
-writes it. The data are the four gzip-compressed IDX files of Fashion-MNIST in
-``--data-dir/fashion-mnist/`` (default: ``shared/data`` beside the repository).
+writes it, or a built-in pattern such as ``builtin:wrn-fashion-mnist`` (``autodropout
+patterns list --builtin`` lists them). The data are the four gzip-compressed IDX files of
+Fashion-MNIST in ``--data-dir/fashion-mnist/`` (default: ``shared/data`` beside the
+repository).
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pattern", required=True, help="pattern file (.json, .yaml)")
+    parser.add_argument("--pattern", required=True,
+                        help="pattern file (.json, .yaml) or builtin:NAME")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--train-examples", type=int, default=60000)

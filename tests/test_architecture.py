@@ -29,6 +29,7 @@ LAYERS = (
     ("autodropout.atomic", "ground", 0),
     ("autodropout.layers", "ground", 0),
     ("autodropout.patterns", "ground", 0),
+    ("autodropout.builtin", "ground", 0),
     ("search_spaces", "spaces", 1),
     ("patterns_db", "store", 1),
     ("autodropout.load", "store", 1),

@@ -1,7 +1,8 @@
 """Fixed dropout baselines written as short references: parsing and checking, no torch.
 
-A regularizer reference (REF) is either a stored pattern (tag, id, hash prefix or pattern
-file; resolved elsewhere) or one of the fixed baselines :func:`parse_regularizer` reads:
+A regularizer reference (REF) is either a pattern (a tag, id or hash prefix in the store, a
+pattern file or a built-in ``builtin:NAME``; resolved elsewhere) or one of the fixed
+baselines :func:`parse_regularizer` reads:
 
 =====================  ==========================================================================
 ``none``               no dropout at all
@@ -24,6 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from autodropout.builtin import is_builtin_ref
 from autodropout.errors import BadInput
 from autodropout.patterns.files import is_pattern_file
 from autodropout.registry import Registry
@@ -65,20 +67,20 @@ class Baseline:
 def parse_regularizer(ref: str) -> Baseline | None:
     """The baseline ``ref`` writes, or ``None`` when ``ref`` names a pattern.
 
-    A pattern file, or a word without ``:`` that is no family name, is a pattern reference
-    (family names take precedence over tags). Raises :class:`BadInput` for an unknown family
+    A pattern file, a built-in ``builtin:NAME``, or a word without ``:`` that is no family
+    name, is a pattern reference (family names take precedence over tags). Raises :class:`BadInput` for an unknown family
     before ``:`` and for missing, extra or out-of-range numbers.
     """
     ref = ref.strip()
-    if is_pattern_file(ref):
+    if is_pattern_file(ref) or is_builtin_ref(ref):
         return None
     family, colon, rest = ref.partition(":")
     family = family.lower()
     if family not in BASELINES:
         if colon:
             raise BadInput(f"regularizer {ref!r}: unknown name {family!r}; a baseline is one of "
-                           f"{', '.join(BASELINE_FORMS)}, else give a pattern tag, id, hash prefix "
-                           "or file")
+                           f"{', '.join(BASELINE_FORMS)}, else give a pattern tag, id, hash prefix, "
+                           "file or builtin:NAME")
         return None
     return BASELINES.get(family)(ref, rest.split(":") if colon else [])
 

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from autodropout.builtin import BuiltinPattern, is_builtin_ref, resolve_builtin
 from autodropout.errors import BadInput, NotFound
 from autodropout.patterns import Pattern
 from autodropout.patterns.files import is_pattern_file, read_pattern_file
@@ -27,9 +28,10 @@ from .registry import DATASETS, MODEL_DATA, MODEL_PATTERNS, MODEL_SPACES, MODELS
 class TrainOptions:
     """The settings of one final training; ``None`` means the space's ``budget:`` default.
 
-    ``space``: default, the space of the search that found the pattern (its best trial's
-    search, as the store kept it), else the pattern's shipped space, else the model's
-    shipped space (:data:`~workers.registry.MODEL_SPACES`). ``model``: default, that space's
+    ``space``: default, a built-in pattern's catalog space, else the space of the search
+    that found the pattern (its best trial's search, as the store kept it), else the
+    pattern's shipped space, else the model's shipped space
+    (:data:`~workers.registry.MODEL_SPACES`). ``model``: default, that space's
     ``budget.model``, else the model for the dataset's kind (image: wrn, text: gpt).
     """
 
@@ -50,7 +52,7 @@ class TrainPlan:
     """What is about to be trained, known once the input is checked."""
 
     subject: str
-    """The baseline's reference, or ``pattern HASH12``."""
+    """The baseline's reference, or ``pattern HASH12`` (and a built-in's ref)."""
     model: str
     dataset: str
     train_examples: int
@@ -102,11 +104,16 @@ def run_training(options: TrainOptions, report: TrainReport | None = None) -> Tr
     report = report or TrainReport()
     check_options(options)
     baseline = parse_regularizer(options.regularizer)
-    given_space = load_space(options.space) if options.space else None
+    builtin = find_builtin(options.regularizer)
+    space_name = options.space or (builtin.space if builtin else None)
+    given_space = load_space(space_name) if space_name else None
     if baseline is not None and options.model:
         check_model(baseline, MODELS.canonical(options.model))
     with PatternStore(options.db) as store:
-        pattern = None if baseline is not None else resolve_pattern(options, store)
+        if baseline is not None:
+            pattern = None
+        else:
+            pattern = builtin.pattern if builtin else resolve_pattern(options, store)
         space = given_space or pattern_space(pattern, store)
         model, bundle = choose_model(options, space)
         if baseline is not None:
@@ -121,7 +128,7 @@ def run_training(options: TrainOptions, report: TrainReport | None = None) -> Tr
         train = training_subset(bundle.train, options.train_examples)
         site_modules = space.site_modules if pattern and len(pattern) == space.num_sites else ()
         plan = TrainPlan(
-            subject=str(baseline) if baseline is not None else f"pattern {pattern.hash[:12]}",
+            subject=describe_subject(baseline, pattern, builtin),
             model=model, dataset=options.dataset, train_examples=len(train),
             test_examples=len(bundle.test), epochs=budget.epochs, seeds=options.seeds,
             device=options.device or default_device(), space=describe_space(space))
@@ -149,6 +156,16 @@ def check_options(options: TrainOptions) -> None:
                         ("--train-examples", options.train_examples)):
         if value is not None:
             check_int(value, flag, low=1, error=BadInput)
+
+
+def find_builtin(ref: str) -> BuiltinPattern | None:
+    """The built-in pattern ``builtin:NAME[@VERSION]`` names; ``None`` for any other ref."""
+    if not is_builtin_ref(ref):
+        return None
+    try:
+        return resolve_builtin(ref)
+    except NotFound as error:
+        raise NotFound(f"--regularizer: {error}") from None
 
 
 def resolve_pattern(options: TrainOptions, store: Any) -> Pattern:
@@ -203,6 +220,13 @@ def finding_search(pattern: Pattern, store: Any) -> str | None:
         return None
     trials = store.pattern_trials(record.id)  # best first
     return trials[0].search if trials else None
+
+
+def describe_subject(baseline: Baseline | None, pattern: Pattern | None,
+                     builtin: BuiltinPattern | None) -> str:
+    if baseline is not None:
+        return str(baseline)
+    return f"pattern {pattern.hash[:12]}" + (f" ({builtin.ref})" if builtin else "")
 
 
 def describe_space(space: Any) -> str:

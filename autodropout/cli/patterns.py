@@ -1,8 +1,10 @@
 """``autodropout patterns list|show|export|import|tag``: stored patterns from a shell.
 
 Every command takes ``--db URL`` (a SQLAlchemy URL or a SQLite file; default
-``$AUTODROPOUT_DB``, else ``$XDG_DATA_HOME/autodropout/patterns.db``). Exit codes: 0 ok,
-1 not found, 2 bad input.
+``$AUTODROPOUT_DB``, else ``$XDG_DATA_HOME/autodropout/patterns.db``). The built-in
+patterns shipped with the package (:mod:`autodropout.builtin`) need none: ``patterns list
+--builtin`` and ``patterns show builtin:NAME`` open no database. Exit codes: 0 ok, 1 not
+found, 2 bad input.
 
 ``--json`` output is a stable interface for scripts: keys are only ever added, never renamed
 or removed. Times are ISO 8601 UTC strings, rewards and metric values numbers (``null``
@@ -13,12 +15,19 @@ when absent), hashes full 64-digit SHA-256 hex.
   without trial filters (``--space``, ``--dataset``, ``--model``, ``--search``,
   ``--min-reward``) patterns with no completed trial (imported ones) follow, newest first,
   with ``reward``, ``search``, ``trial``, ``dataset`` and ``model`` null.
+* ``patterns list --builtin --json``: a list, by name, of the built-in patterns' catalog
+  entries (``{"name", "version", "file", "hash", "summary", "space", "dataset", "model",
+  "model_args", "map_shape", "search", "validation", "test", "report"}``, see
+  autodropout.builtin.catalog; ``test`` values null where not measured) plus ``"ref"``
+  (``builtin:NAME@VERSION``) and ``"kind"``.
 * ``patterns show REF --json``: ``{"id", "hash", "kind", "space", "tags", "created_at",
   "pattern", "best_reward", "trials", "final_evaluations"}``; ``pattern`` is the exported
   pattern object, ``trials`` a list of ``{"search", "trial", "reward", "status"}`` (best
   first), ``final_evaluations`` a list of ``{"subject", "dataset", "model", "metric", "seed",
   "value"}`` where ``subject`` is ``"pattern"`` or ``"baseline:<name>"`` (baselines on the
   pattern's datasets and models).
+* ``patterns show builtin:NAME --json``: the built-in's object of ``patterns list --builtin
+  --json`` plus ``"pattern"``, the exported pattern object.
 * ``patterns import FILE --json``: ``{"id", "hash", "kind", "tags"}``.
 """
 
@@ -29,6 +38,7 @@ import statistics
 import sys
 from typing import Any
 
+from autodropout.builtin import BuiltinPattern, builtin_patterns, is_builtin_ref, resolve_builtin
 from autodropout.errors import BadInput
 from patterns_db.states import TrialState
 
@@ -52,7 +62,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     sub = store_group(commands, "patterns", __doc__,
                       help="list, show, export, import and tag stored patterns",
                       description="Stored dropout patterns. REF is a tag, a pattern id or a "
-                      "hash prefix.")
+                      "hash prefix; show also takes builtin:NAME, a built-in pattern.")
     common = db_option()
     for add in (_add_list, _add_show, _add_export, _add_import, _add_tag):
         add(sub, common)
@@ -69,6 +79,9 @@ def _add_list(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     listing.add_argument("--min-reward", type=float, metavar="R", help="only rewards >= R")
     listing.add_argument("--top", type=positive_int, default=DEFAULT_TOP, metavar="K",
                          help=f"how many patterns (default {DEFAULT_TOP})")
+    listing.add_argument("--builtin", action="store_true",
+                         help="list the built-in patterns instead, with their test gains (no "
+                         "database; --space, --dataset, --model, --kind and --top apply)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_patterns_list)
 
@@ -81,7 +94,7 @@ def _add_show(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) 
     show.add_argument("--png", metavar="FILE", help="also render the pattern's masks to FILE")
     show.add_argument("--shape", type=_shape, metavar="DIMS",
                       help="activation shape for --png: C,H,W (conv, default 1,32,32) or "
-                      "T,C (sequence, default 32,64)")
+                      "T,C (sequence, default 32,64); a built-in's default is its catalog's")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(handler=_patterns_show)
 
@@ -123,6 +136,8 @@ TRIAL_FILTERS = ("space", "dataset", "model", "search", "min_reward")
 
 
 def _patterns_list(args: argparse.Namespace) -> int:
+    if args.builtin:
+        return _builtin_list(args)
     filters = {name: getattr(args, name) for name in TRIAL_FILTERS}
     with open_store(args) as store:
         ranked = store.best(args.top, kind=args.kind, **filters)
@@ -164,7 +179,54 @@ def _cell(key: str, value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _builtin_list(args: argparse.Namespace) -> int:
+    if args.search is not None or args.min_reward is not None:
+        raise BadInput("--builtin: --search and --min-reward filter stored trials; built-in "
+                       "patterns have none")
+    wanted = {"space": args.space, "dataset": args.dataset, "model": args.model}
+    found = [builtin for builtin in builtin_patterns()
+             if all(value in (None, getattr(builtin, key)) for key, value in wanted.items())
+             and args.kind in (None, builtin.pattern.kind)][: args.top]
+    if args.json:
+        return print_json([_builtin_json(builtin) for builtin in found])
+    if not found:
+        print("no built-in patterns match")
+        return 0
+    print_table(
+        ("NAME", "VERSION", "KIND", "SPACE", "DATASET", "MODEL", "VS NONE", "VS BEST FIXED",
+         "SUMMARY"),
+        [(b.name, str(b.version), b.pattern.kind, b.space, b.dataset, _model_text(b),
+          _gain_text(b.test["vs_none"]), _versus_best_text(b.test), b.summary) for b in found],
+        right=("VERSION",),
+    )
+    return 0
+
+
+def _builtin_json(builtin: BuiltinPattern) -> dict[str, Any]:
+    return {**builtin.entry(), "ref": builtin.ref, "kind": builtin.pattern.kind}
+
+
+def _model_text(builtin: BuiltinPattern) -> str:
+    """``wrn (width=1)``: the model and its arguments."""
+    args = ", ".join(f"{name}={value_text(value)}" for name, value in builtin.model_args.items())
+    return f"{builtin.model} ({args})" if args else builtin.model
+
+
+def _gain_text(interval: dict[str, float] | None) -> str:
+    """``+0.0095 [+0.0010, +0.0180]``: a paired difference and its 95 % t-interval."""
+    if interval is None:
+        return "not measured"
+    return f"{interval['mean']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+
+
+def _versus_best_text(test: dict[str, Any]) -> str:
+    gain = _gain_text(test["vs_best_fixed"])
+    return f"{gain} ({test['best_fixed']})" if test["best_fixed"] else gain
+
+
 def _patterns_show(args: argparse.Namespace) -> int:
+    if is_builtin_ref(args.ref):
+        return _builtin_show(args)
     with open_store(args) as store:
         record = store.resolve(args.ref)
         trials = store.pattern_trials(record.id)
@@ -204,6 +266,19 @@ def _patterns_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _builtin_show(args: argparse.Namespace) -> int:
+    builtin = resolve_builtin(args.ref)
+    if args.png:
+        _render(builtin.pattern, args.shape or builtin.map_shape, args.png)
+    if args.json:
+        return print_json({**_builtin_json(builtin),
+                           "pattern": builtin.pattern.to_dict(with_hash=True)})
+    _print_builtin(builtin)
+    if args.png:
+        print(f"\nmasks rendered to {args.png}")
+    return 0
+
+
 def _render(pattern: Any, shape: tuple[int, ...] | None, path: str) -> None:
     from autodropout import render
 
@@ -238,11 +313,7 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
             ("best reward", number(summary["best_reward"])),
         ]
     )
-    print(f"\nsites ({len(pattern.sites)}):")
-    places = pattern.placement or (None,) * len(pattern.sites)
-    for index, (site, place) in enumerate(zip(pattern.sites, places)):
-        values = " ".join(f"{name}={value_text(value)}" for name, value in site.items())
-        print(f"  [{index}] {_place_text(place)}{values}")
+    _print_sites(pattern)
     trials = summary["trials"]
     print(f"\nprovenance ({len(trials)} trial{'s' if len(trials) != 1 else ''}):")
     if trials:
@@ -274,6 +345,44 @@ def _print_pattern(summary: dict[str, Any], pattern: Any) -> None:
         right=("SEEDS", "MEAN", "STD"),
         indent="  ",
     )
+
+
+def _print_builtin(builtin: BuiltinPattern) -> None:
+    search, test = builtin.search, builtin.test
+    print(f"built-in pattern {builtin.ref}  {builtin.hash}")
+    print_fields(
+        [
+            ("kind", builtin.pattern.kind),
+            ("summary", builtin.summary),
+            ("space", builtin.space),
+            ("found on", f"{builtin.dataset}, {_model_text(builtin)}"),
+            ("map shape", "x".join(map(str, builtin.map_shape))),
+            ("search", f"{search['name']} ({search['controller']}, seed {search['seed']}, "
+                       f"{search['trials']} trials)"),
+            ("validation", f"{builtin.validation['metric']} {number(builtin.validation['value'])}"),
+            ("test", _test_text(test)),
+            ("vs none", _gain_text(test["vs_none"])),
+            ("vs best fixed", _versus_best_text(test)),
+            ("report", builtin.report),
+        ]
+    )
+    _print_sites(builtin.pattern)
+
+
+def _test_text(test: dict[str, Any]) -> str:
+    """``test_accuracy 0.8300 (std 0.0040, seeds 0,1,2)``, or ``not measured``."""
+    if test["mean"] is None:
+        return "not measured"
+    return (f"{test['metric']} {number(test['mean'])} (std {number(test['std'])}, seeds "
+            f"{','.join(map(str, test['seeds']))})")
+
+
+def _print_sites(pattern: Any) -> None:
+    print(f"\nsites ({len(pattern.sites)}):")
+    places = pattern.placement or (None,) * len(pattern.sites)
+    for index, (site, place) in enumerate(zip(pattern.sites, places)):
+        values = " ".join(f"{name}={value_text(value)}" for name, value in site.items())
+        print(f"  [{index}] {_place_text(place)}{values}")
 
 
 def _place_text(place: Any) -> str:

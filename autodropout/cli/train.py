@@ -19,7 +19,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
         help="train with a pattern or a baseline on the training split, score on the test split",
-        description="Final evaluation: train the child model with a stored pattern or a fixed "
+        description="Final evaluation: train the child model with a pattern or a fixed "
         "dropout baseline for several seeds, evaluate on the test split, report mean and "
         "standard deviation, and store every result.",
     )
@@ -28,7 +28,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="child model: wrn (images) or gpt (text) (default: the space's "
                        "budget model, else the one for the dataset's kind)")
     train.add_argument("--regularizer", required=True, metavar="REF",
-                       help="a pattern (tag, id, hash prefix or file) or a baseline: "
+                       help="a pattern (tag, id, hash prefix, file, or builtin:NAME for a "
+                       "built-in one: see 'patterns list --builtin') or a baseline: "
                        + ", ".join(BASELINE_FORMS))
     train.add_argument("--epochs", type=int, help="epochs (default: the space's budget)")
     train.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
@@ -36,8 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="train on a random N of the training split (text: the first N "
                        "tokens; default: all of it)")
     train.add_argument("--space", help="space whose budget (and sites, for a pattern) to use "
-                       "(default: the space of the search that found the pattern, else the "
-                       "pattern's shipped space, else convnet for wrn, transformer for gpt)")
+                       "(default: a built-in pattern's catalog space, else the space of the "
+                       "search that found the pattern, else the pattern's shipped space, else "
+                       "convnet for wrn, transformer for gpt)")
     train.add_argument("--db", help="pattern store URL (default: $AUTODROPOUT_DB or the local "
                        "SQLite file)")
     train.add_argument("--data-dir", help="dataset folder (default: $AUTODROPOUT_DATA_DIR or "
