@@ -41,9 +41,12 @@ with exit status 1 and no rows from it. Each invocation's wall time goes to
     python benchmarks/search_quality.py --report-only  # the report from what has run so far
     python benchmarks/search_quality.py --ship         # the winners into autodropout/builtin
 
-Sizes are our choices (the AutoDropout paper's search budget is far beyond this machine);
-the full run is sized for 150 minutes on a 2-core CPU machine. ``--quick`` runs the whole
-pipeline at toy size in a few minutes: its numbers mean nothing.
+Sizes are our choices (the AutoDropout paper's search budget is far beyond this machine),
+sized for 150 minutes on the 2-core machine that measured the regime study (0.4 CPU-min per
+no-dropout run). The committed run's machine trained 2.7x slower (1.1 CPU-min): its grid
+took 19 minutes and each Fashion-MNIST search 15-18 minutes (0.50-0.56 CPU-hours);
+``benchmarks/reports/search_quality/invocations.jsonl`` has every invocation's wall time.
+``--quick`` runs the whole pipeline at toy size in a few minutes: its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -286,7 +289,7 @@ def run_task(task: Task, args: argparse.Namespace, out: Path) -> tuple[str, dict
     stage = time.perf_counter()
     final_jobs = [Job("final", task.key, str(space_path), row.ref, FINAL_SEED0 + seed,
                       args.data_dir, task.test_examples, row.pattern)
-                  for row in rows for seed in range(task.final_seeds)]
+                  for seed in range(task.final_seeds) for row in rows]  # seed-major: pairs first
     if not args.report_only:
         run_jobs(final_jobs, runs_path, args.workers, run_job, describe)
         print(f"finals: {(time.perf_counter() - stage) / 60:.1f} min wall", flush=True)
