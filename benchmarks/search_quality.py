@@ -592,7 +592,7 @@ def plot_search(task: Task, searches: list[Search], path: Path) -> None:
             curves = [best_so_far(task, s, order) for s in searches if s.controller == controller]
             if not curves:
                 continue
-            end = max(c[-1][0] for c in curves)
+            end = min(c[-1][0] for c in curves)  # where every seed still has a value
             xs = np.arange(1, end + 1) if order == "trial" else np.linspace(0, end, 200)
             ys = np.array([[value_at(c, x) for x in xs] for c in curves])  # (seeds, points)
             with np.errstate(all="ignore"):
