@@ -31,7 +31,8 @@ measured by their own process CPU time; a search trial counts its duration times
 CPU. Wall time is printed per stage and in total.
 
 **Resumable**: grid and final runs append to ``runs.jsonl`` and searches live in
-``store.db`` (with Ray Tune's experiment folders in ``experiments/``), all in ``--out``; a
+``store.db`` (with Ray Tune's experiment folders in ``experiments/``; neither is committed,
+``results.json`` keeps every trial), all in ``--out``; a
 rerun skips finished runs, resumes an unfinished search by name and reuses finished ones.
 A search that ends without completing (Ctrl-C, or too many failed trials) stops the run
 with exit status 1 and no rows from it. Each invocation's wall time goes to
@@ -64,6 +65,8 @@ from typing import Any
 
 import yaml
 from regime import load_runs, run_jobs, t_interval
+
+from workers.final import summarize
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray is not None:
             ray.shutdown()
             log_invocation(out, time.perf_counter() - started, args)
-    write_report(out, sections, raw, args.quick)
+    print("\n" + write_report(out, sections, raw, args.quick), end="", flush=True)
     return 0
 
 
@@ -254,7 +257,9 @@ def start_ray(cpus: int):
     return ray
 
 
-def write_report(out: Path, sections: list[str], raw: dict[str, Any], quick: bool) -> None:
+def write_report(out: Path, sections: list[str], raw: dict[str, Any], quick: bool) -> str:
+    """Write ``results.md`` and ``results.json`` from the tasks done so far; returns the
+    Markdown."""
     invocations = load_runs(out / "invocations.jsonl")
     elapsed = sum(i["seconds"] for i in invocations)
     footer = (f"Wall-clock time: {elapsed / 60:.1f} min on 2 cores over {len(invocations)} "
@@ -266,7 +271,7 @@ def write_report(out: Path, sections: list[str], raw: dict[str, Any], quick: boo
     (out / "results.json").write_text(json.dumps(
         {"elapsed_seconds": elapsed, "invocations": invocations, "quick": quick,
          "tasks": raw}, indent=2), encoding="utf-8")
-    print("\n" + report, flush=True)
+    return report
 
 
 def run_task(task: Task, args: argparse.Namespace, out: Path) -> tuple[str, dict[str, Any]]:
@@ -358,16 +363,35 @@ def describe(run: dict[str, Any]) -> str:
 
 
 # -- searches --------------------------------------------------------------------------------
+def store_url(out: Path) -> str:
+    """The run's own pattern store, ``store.db`` in ``--out``."""
+    return f"sqlite:///{out / 'store.db'}"
+
+
+def search_name(task: Task, controller: str, seed: int) -> str:
+    return f"{task.key}-{controller}-seed{seed}"
+
+
+def stored_state(db: str, name: str):
+    """The stored :class:`~patterns_db.states.SearchState` of ``name``, ``None`` if absent."""
+    from autodropout.errors import NotFound
+    from patterns_db import PatternStore
+
+    with PatternStore(db) as store:
+        try:
+            return store.get_search(name).status
+        except NotFound:
+            return None
+
+
 def run_one_search(task: Task, controller: str, seed: int, space_path: Path,
                    data_dir: str | None, out: Path) -> Search:
     """Run (or resume, or reuse) one ASHA search in the run's store and read its trials."""
     from controller.service import SearchOptions, run_search
-    from patterns_db import PatternStore
     from patterns_db.states import SearchState
 
-    db, name = f"sqlite:///{out / 'store.db'}", f"{task.key}-{controller}-seed{seed}"
-    with PatternStore(db) as store:
-        state = next((s.search.status for s in store.searches() if s.search.name == name), None)
+    db, name = store_url(out), search_name(task, controller, seed)
+    state = stored_state(db, name)
     started = time.perf_counter()
     if state != SearchState.COMPLETED:
         grace, reduction = task.asha
@@ -393,12 +417,9 @@ def run_one_search(task: Task, controller: str, seed: int, space_path: Path,
 def read_stored_search(task: Task, controller: str, seed: int, space_path: Path,
                        data_dir: str | None, out: Path) -> Search | None:
     """The search as the store has it now (any state), or ``None`` if it never started."""
-    from patterns_db import PatternStore
-
-    db, name = f"sqlite:///{out / 'store.db'}", f"{task.key}-{controller}-seed{seed}"
-    with PatternStore(db) as store:
-        if not any(s.search.name == name for s in store.searches()):
-            return None
+    db, name = store_url(out), search_name(task, controller, seed)
+    if stored_state(db, name) is None:
+        return None
     return read_search(task, controller, seed, name, db, math.nan)
 
 
@@ -463,7 +484,7 @@ def choose_rows(task: Task, grid: list[dict[str, Any]], searches: list[Search],
             print(f"{controller}: no completed trial, no row", flush=True)
             continue
         best = task.best_of(runs, lambda s: s.best_score)
-        with PatternStore(f"sqlite:///{out / 'store.db'}") as store:
+        with PatternStore(store_url(out)) as store:
             pattern = store.resolve(best.best_hash).pattern
         cost = sum(s.cpu_hours for s in searches if s.controller == controller)
         rows.append(Row(f"{controller} search", f"pattern:{best.best_hash}", best.best_score,
@@ -497,7 +518,7 @@ def markdown(task: Task, grid: list[dict[str, Any]], searches: list[Search], row
              f"| method | chosen | validation {task.metric} | test {task.metric} mean ± std "
              "(n) | choosing CPU-h | final CPU-h |", "|---|---|---:|---:|---:|---:|"]
     for row in rows:
-        mean, std = _mean_std(list(row.test.values()))
+        mean, std = summarize(list(row.test.values()))
         test = "-" if not row.test else f"{mean:.4f} ± {std:.4f} ({len(row.test)})"
         lines.append(f"| {row.method} | `{row.ref[:20]}` | {row.validation:.4f} | {test} | "
                      f"{row.choosing_hours:.3f} | {row.final_hours:.3f} |")
@@ -610,12 +631,6 @@ def plot_search(task: Task, searches: list[Search], path: Path) -> None:
     plt.close(figure)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
 def _mean(values) -> str:
     finite = [v for v in values if math.isfinite(v)]
     return f"{statistics.fmean(finite):.4f}" if finite else "-"
@@ -682,7 +697,7 @@ def builtin_entry(task: Task, row: Row, best: Row | None, none: Row | None,
         mean, low, high = t_interval([row.test[s] - other.test[s] for s in seeds])
         return {"mean": mean, "low": low, "high": high}
 
-    mean, std = _mean_std(list(row.test.values()))
+    mean, std = summarize(list(row.test.values()))
     shapes = {"convnet": [16, 28, 28], "transformer": [budget.get("context", 64), 128]}
     return {
         "name": f"{budget['model']}-{budget['dataset']}", "version": 1,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_store import PNG_SIGNATURE
+from test_cli_store import PNG_SIGNATURE, run
 from test_train_command import fake_training
 
 import autodropout as ad
@@ -58,12 +58,6 @@ def copied(tmp_path) -> Path:
     for path in FOLDER.glob("*.json"):
         shutil.copy(path, folder)
     return folder
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def other_pattern(pattern: Pattern) -> Pattern:
