@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -174,14 +175,25 @@ def run_jobs(jobs: list[Any], path: Path, workers: int, run: Callable[[Any], dic
     run, describe = run or run_job, describe or summary_of
     finished = {result["key"] for result in load_runs(path)}
     todo = [job for job in jobs if job.key not in finished]
+    if not todo:
+        return 0
     context = multiprocessing.get_context("fork")
-    with context.Pool(max(1, workers), initializer=torch.set_num_threads, initargs=(1,)) as pool, \
+    with context.Pool(max(1, workers), initializer=_worker_setup) as pool, \
             path.open("a", encoding="utf-8") as log:
         for count, result in enumerate(pool.imap_unordered(run, todo), 1):
             log.write(json.dumps(result) + "\n")
             log.flush()
             print(f"[{count}/{len(todo)}] {result['key']}: {describe(result)}", flush=True)
     return len(todo)
+
+
+def _worker_setup() -> None:
+    """One thread per worker, and the default signal handling back: a worker forked after
+    ``ray.init`` inherits Ray's handlers, so the pool's SIGTERM would print a stack and
+    Ctrl-C would hang the pool instead of ending the run in the parent."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_runs(path: Path) -> list[dict[str, Any]]:

@@ -31,9 +31,11 @@ measured by their own process CPU time; a search trial counts its duration times
 CPU. Wall time is printed per stage and in total.
 
 **Resumable**: grid and final runs append to ``runs.jsonl`` and searches live in
-``store.db`` (with Ray Tune's experiment folders in ``experiments/``; neither is committed,
-``results.json`` keeps every trial), all in ``--out``; a
-rerun skips finished runs, resumes an unfinished search by name and reuses finished ones.
+``store.db`` (with Ray Tune's experiment folders in ``experiments/``; neither is committed),
+all in ``--out``; a rerun skips finished runs, resumes an unfinished search by name and
+reuses finished ones, from ``results.json`` (which keeps every trial and each winner's
+pattern) where the store is gone. ``--tasks`` picks the tasks to train; the report always
+covers every task that has run.
 A search that ends without completing (Ctrl-C, or too many failed trials) stops the run
 with exit status 1 and no rows from it. Each invocation's wall time goes to
 ``invocations.jsonl``; the report's total is their sum.
@@ -59,6 +61,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                         or (str(SHARED_DATA) if SHARED_DATA.is_dir() else None),
                         help="dataset folder (default: $AUTODROPOUT_DATA_DIR or ../shared/data)")
     parser.add_argument("--tasks", nargs="+", choices=[t.key for t in FULL],
-                        default=[t.key for t in FULL])
+                        default=[t.key for t in FULL], help="the tasks to train (the report "
+                        "has every task run so far)")
     parser.add_argument("--workers", type=int, default=2, help="grid/final processes")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report "
                         "from the runs and searches in --out so far, train nothing")
@@ -217,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     default = "results/search_quality-quick" if args.quick else "reports/search_quality"
     out = Path(args.out or REPO / "benchmarks" / default)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [t for t in (QUICK if args.quick else FULL) if t.key in args.tasks]
+    tasks = QUICK if args.quick else FULL
+    recorded = load_recorded(out)
     if args.ship:
-        results = json.loads((out / "results.json").read_text())
         for task in tasks:
-            ship(task, results["tasks"][task.key], out)
+            if task.key in args.tasks and task.key in recorded:
+                ship(task, recorded[task.key], out)
         return 0
     started = time.perf_counter()
     print(f"search quality{' (quick)' if args.quick else ''}: {', '.join(args.tasks)}; "
@@ -230,15 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     sections, raw = [], {}
     try:
         for task in tasks:
-            section, raw[task.key] = run_task(task, args, out)
-            sections.append(section)
-            write_report(out, sections, raw, args.quick)
+            train = task.key in args.tasks and not args.report_only
+            done = run_task(task, train, out, args, recorded.get(task.key, {}))
+            if done is not None:
+                sections.append(done[0])
+                raw[task.key] = done[1]
+                write_report(out, sections, raw, args.quick)
     finally:
         if ray is not None:
             ray.shutdown()
             log_invocation(out, time.perf_counter() - started, args)
     print("\n" + write_report(out, sections, raw, args.quick), end="", flush=True)
     return 0
+
+
+def load_recorded(out: Path) -> dict[str, dict[str, Any]]:
+    """Each task as the last report recorded it in ``results.json`` (``{}`` if none): a run
+    whose ``store.db`` is gone reuses its completed searches and winners from here."""
+    path = out / "results.json"
+    return json.loads(path.read_text())["tasks"] if path.is_file() else {}
 
 
 def log_invocation(out: Path, seconds: float, args: argparse.Namespace) -> None:
@@ -274,28 +289,36 @@ def write_report(out: Path, sections: list[str], raw: dict[str, Any], quick: boo
     return report
 
 
-def run_task(task: Task, args: argparse.Namespace, out: Path) -> tuple[str, dict[str, Any]]:
-    print(f"\n== {task.title}", flush=True)
+def run_task(task: Task, train: bool, out: Path, args: argparse.Namespace,
+             recorded: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """Run the task's missing grid runs, searches and finals (``train``), or only read them;
+    its report section and raw results, ``None`` if nothing of it has run."""
     space_path = derived_space(task, out)
+    if train:
+        print(f"\n== {task.title}", flush=True)
     runs_path = out / "runs.jsonl"
     stage = time.perf_counter()
     grid_jobs = [Job("grid", task.key, str(space_path), ref, seed, args.data_dir)
                  for seed in range(task.grid_seeds) for ref in task.grid]
-    if not args.report_only:
+    if train:
         run_jobs(grid_jobs, runs_path, args.workers, run_job, describe)
         print(f"grid: {(time.perf_counter() - stage) / 60:.1f} min wall", flush=True)
     grid = [r for r in load_runs(runs_path)
             if r["stage"] == "grid" and r["task"] == task.key and r["ref"] in task.grid]
-    searches = [(read_stored_search if args.report_only else run_one_search)(
-                    task, controller, seed, space_path, args.data_dir, out)
+    kept = {s["name"]: Search(**s) for s in recorded.get("searches", [])}
+    searches = [(run_one_search if train else read_stored_search)(
+                    task, controller, seed, space_path, args.data_dir, out, kept)
                 for seed in range(task.search_seeds) for controller in CONTROLLERS]
     searches = [search for search in searches if search is not None]
-    rows = choose_rows(task, grid, searches, out)
+    if not grid and not searches:
+        return None
+    patterns = {r["ref"]: r["pattern"] for r in recorded.get("rows", []) if r["pattern"]}
+    rows = choose_rows(task, grid, searches, out, patterns)
     stage = time.perf_counter()
     final_jobs = [Job("final", task.key, str(space_path), row.ref, FINAL_SEED0 + seed,
                       args.data_dir, task.test_examples, row.pattern)
                   for seed in range(task.final_seeds) for row in rows]  # seed-major: pairs first
-    if not args.report_only:
+    if train:
         run_jobs(final_jobs, runs_path, args.workers, run_job, describe)
         print(f"finals: {(time.perf_counter() - stage) / 60:.1f} min wall", flush=True)
     for run in load_runs(runs_path):
@@ -385,13 +408,17 @@ def stored_state(db: str, name: str):
 
 
 def run_one_search(task: Task, controller: str, seed: int, space_path: Path,
-                   data_dir: str | None, out: Path) -> Search:
-    """Run (or resume, or reuse) one ASHA search in the run's store and read its trials."""
+                   data_dir: str | None, out: Path, kept: dict[str, Search]) -> Search:
+    """Run (or resume, or reuse) one ASHA search in the run's store and read its trials;
+    a completed search that ``results.json`` kept but the store lacks is reused from there."""
     from controller.service import SearchOptions, run_search
     from patterns_db.states import SearchState
 
     db, name = store_url(out), search_name(task, controller, seed)
     state = stored_state(db, name)
+    if state is None and name in kept and kept[name].status == "completed":
+        print(f"search {name}: reused from results.json (not in {db})", flush=True)
+        return kept[name]
     started = time.perf_counter()
     if state != SearchState.COMPLETED:
         grace, reduction = task.asha
@@ -415,11 +442,13 @@ def run_one_search(task: Task, controller: str, seed: int, space_path: Path,
 
 
 def read_stored_search(task: Task, controller: str, seed: int, space_path: Path,
-                       data_dir: str | None, out: Path) -> Search | None:
-    """The search as the store has it now (any state), or ``None`` if it never started."""
+                       data_dir: str | None, out: Path,
+                       kept: dict[str, Search]) -> Search | None:
+    """The search as the store has it now (any state), else as ``results.json`` kept it,
+    or ``None`` if it never started."""
     db, name = store_url(out), search_name(task, controller, seed)
     if stored_state(db, name) is None:
-        return None
+        return kept.get(name)
     return read_search(task, controller, seed, name, db, math.nan)
 
 
@@ -470,9 +499,10 @@ def value_at(curve: list[tuple[float, float]], x: float) -> float:
 
 
 # -- rows ------------------------------------------------------------------------------------
-def choose_rows(task: Task, grid: list[dict[str, Any]], searches: list[Search],
-                out: Path) -> list[Row]:
-    """Each controller's best winner, "none", and each family's best rate by validation."""
+def choose_rows(task: Task, grid: list[dict[str, Any]], searches: list[Search], out: Path,
+                patterns: dict[str, str]) -> list[Row]:
+    """Each controller's best winner, "none", and each family's best rate by validation
+    (a winner's pattern from the store, else from ``patterns``: JSON by ``pattern:<hash>``)."""
     from patterns_db import PatternStore
     from workers.baselines import parse_regularizer
 
@@ -484,11 +514,12 @@ def choose_rows(task: Task, grid: list[dict[str, Any]], searches: list[Search],
             print(f"{controller}: no completed trial, no row", flush=True)
             continue
         best = task.best_of(runs, lambda s: s.best_score)
-        with PatternStore(store_url(out)) as store:
-            pattern = store.resolve(best.best_hash).pattern
+        ref = f"pattern:{best.best_hash}"
+        if ref not in patterns:
+            with PatternStore(store_url(out)) as store:
+                patterns[ref] = json.dumps(store.resolve(best.best_hash).pattern.to_dict())
         cost = sum(s.cpu_hours for s in searches if s.controller == controller)
-        rows.append(Row(f"{controller} search", f"pattern:{best.best_hash}", best.best_score,
-                        cost, json.dumps(pattern.to_dict())))
+        rows.append(Row(f"{controller} search", ref, best.best_score, cost, patterns[ref]))
     if task.finals == "best" and rows:
         rows = [task.best_of(rows, lambda r: r.validation)]
     families: dict[str, dict[str, list[dict]]] = {}
@@ -616,7 +647,8 @@ def plot_search(task: Task, searches: list[Search], path: Path) -> None:
             end = min(c[-1][0] for c in curves)  # where every seed still has a value
             xs = np.arange(1, end + 1) if order == "trial" else np.linspace(0, end, 200)
             ys = np.array([[value_at(c, x) for x in xs] for c in curves])  # (seeds, points)
-            with np.errstate(all="ignore"):
+            with warnings.catch_warnings():  # all-NaN columns: before any trial completed
+                warnings.simplefilter("ignore", RuntimeWarning)
                 axis.plot(xs, np.nanmean(ys, axis=0), color=COLOURS[controller],
                           label=f"{controller} (mean of {len(curves)})")
                 axis.fill_between(xs, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0),
@@ -678,8 +710,22 @@ def ship(task: Task, raw: dict[str, Any], out: Path) -> None:
     search = next(s for s in raw["searches"] if s["best_hash"] == row.ref.split(":", 1)[1])
     pattern = Pattern.from_dict(json.loads(row.pattern))
     entry = builtin_entry(task, row, best, none, search, out)
+    entry["version"] = next_version(entry["name"], pattern)
     write_builtin(pattern, entry)
     print(f"shipped builtin:{entry['name']} ({row.ref[:20]})", flush=True)
+
+
+def next_version(name: str, pattern) -> int:
+    """The shipped version of ``name`` if it holds ``pattern``, one more if it holds another
+    pattern, 1 if nothing is shipped under the name."""
+    from autodropout.builtin import builtin_pattern
+    from autodropout.errors import NotFound
+
+    try:
+        shipped = builtin_pattern(name)
+    except NotFound:
+        return 1
+    return shipped.version + (shipped.hash != pattern.hash)
 
 
 def builtin_entry(task: Task, row: Row, best: Row | None, none: Row | None,

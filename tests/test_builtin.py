@@ -5,7 +5,9 @@ and ``train`` reach them without a database of their own; ``write_builtin`` roun
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,9 @@ from workers.training import Budget, build_child
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER = Path(autodropout.builtin.__file__).parent
 NAMES = [builtin.name for builtin in builtin_patterns()]
+WRN = "wrn-fashion-mnist"
+"""The shipped ConvNet pattern, for the tests that need one."""
+REPORT = "benchmarks/reports/search_quality"
 NO_STORE = "sqlite:////nonexistent/folder/patterns.db"  # opening it would fail
 MEASURED = {"metric": "test_accuracy", "seeds": [0, 1, 2], "mean": 0.83, "std": 0.004,
             "best_fixed": "dropblock:0.05:3", "vs_none": {"mean": 0.0095, "low": 0.001,
@@ -68,12 +73,21 @@ def other_pattern(pattern: Pattern) -> Pattern:
 
 
 # -- shipped built-ins -----------------------------------------------------------------------
-def test_something_is_shipped_and_the_provisional_pattern_is_the_transfer_one():
-    assert "wrn-fashion-mnist" in NAMES
-    shipped = builtin_pattern("wrn-fashion-mnist")
-    source = ROOT / "benchmarks/reports/transfer/pattern.json"
-    assert shipped.hash == read_pattern_file(source).hash
-    assert (FOLDER / shipped.file).read_bytes() == source.read_bytes()
+def test_the_shipped_patterns_are_the_search_quality_winners_with_their_test_scores():
+    """Each built-in is its task's searched row of the committed search-quality report (the
+    best by validation), with that row's validation score and final test scores."""
+    results = json.loads((ROOT / REPORT / "results.json").read_text(encoding="utf-8"))
+    assert WRN in NAMES
+    for builtin in builtin_patterns():
+        rows = [r for r in results["tasks"][builtin.dataset]["rows"] if r["pattern"]]
+        pick = min if builtin.test["metric"] == "test_perplexity" else max
+        row = pick(rows, key=lambda r: r["validation"])
+        assert row["ref"] == f"pattern:{builtin.hash}"
+        assert Pattern.from_dict(json.loads(row["pattern"])) == builtin.pattern
+        assert builtin.validation["value"] == row["validation"]
+        assert builtin.test["seeds"] == sorted(int(seed) for seed in row["test"])
+        assert builtin.test["mean"] == pytest.approx(statistics.fmean(row["test"].values()))
+        assert builtin.report == f"{REPORT}/results.md"
 
 
 def test_a_builtin_loads_by_name_by_ref_and_through_load_pattern(builtin):
@@ -115,17 +129,18 @@ def _hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def _examples(bundle, n=8):
+def _examples(bundle, budget, n=8):
+    """``n`` test images, or ``n`` test sequences of the trials' context length."""
     if bundle.kind == "image":
         return bundle.test.images[:n].float() / 255
-    return bundle.test[: n * 16].view(n, 16)
+    return bundle.test[: n * budget.context].view(n, budget.context)
 
 
 def test_a_builtin_applies_to_the_model_it_was_found_on(builtin, shared_data_dir):
     bundle = load_dataset(builtin.dataset, shared_data_dir, download=False)
     budget = Budget.from_mapping(search_spaces.load(builtin.space).budget,
                                  dataset=builtin.dataset, model=builtin.model)
-    model, x = build_child(budget, bundle, 0, builtin.model_args), _examples(bundle)
+    model, x = build_child(budget, bundle, 0, builtin.model_args), _examples(bundle, budget)
     snapshot = {name: value.clone() for name, value in model.state_dict().items()}
     hooks = _hook_count(model)
     reference = model.eval()(x)
@@ -157,7 +172,7 @@ def test_unknown_names_and_versions_are_refused_naming_what_there_is():
                                 f"[{', '.join(NAMES)}]")
     with pytest.raises(NotFound, match="unknown built-in pattern 'no-such'"):
         ad.load_pattern("builtin:no-such")
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     with pytest.raises(NotFound, match=rf"is version {shipped.version}, not {shipped.version + 1}"):
         ad.load_pattern(f"builtin:{shipped.name}@{shipped.version + 1}")
     with pytest.raises(BadInput, match="VERSION must be a positive integer, got 'new'"):
@@ -196,7 +211,7 @@ def test_patterns_list_builtin_prints_a_table_and_json_without_a_store(capsys):
 def test_patterns_list_builtin_filters_and_refuses_trial_filters(capsys):
     code, out, _ = run(capsys, "patterns", "list", "--builtin", "--dataset", "no-such")
     assert (code, out) == (0, "no built-in patterns match\n")
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     code, out, _ = run(capsys, "patterns", "list", "--builtin", "--json", "--space",
                        shipped.space, "--kind", shipped.pattern.kind)
     assert code == 0 and shipped.name in [item["name"] for item in json.loads(out)]
@@ -206,7 +221,7 @@ def test_patterns_list_builtin_filters_and_refuses_trial_filters(capsys):
 
 def test_patterns_list_builtin_shows_measured_gains_and_unmeasured_ones(copied, monkeypatch,
                                                                          capsys):
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     write_builtin(shipped.pattern, {**shipped.entry(), "test": MEASURED}, copied)
     write_builtin(other_pattern(shipped.pattern),
                   {**shipped.entry(), "name": "zz-unmeasured", "test": dict.fromkeys(MEASURED)},
@@ -216,8 +231,8 @@ def test_patterns_list_builtin_shows_measured_gains_and_unmeasured_ones(copied, 
     code, out, _ = run(capsys, "patterns", "list", "--builtin")
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert code == 0
-    assert "+0.0095 [+0.0010, +0.0180]  +0.0030 [-0.0035, +0.0095] (dropblock:0.05:3)" in \
-        rows[shipped.name]
+    assert re.search(r"\+0\.0095 \[\+0\.0010, \+0\.0180\] +\+0\.0030 \[-0\.0035, \+0\.0095\] "
+                     r"\(dropblock:0\.05:3\)", rows[shipped.name])
     assert rows["zz-unmeasured"].count("not measured") == 2
 
 
@@ -237,9 +252,10 @@ def test_patterns_show_builtin_prints_provenance_and_renders_its_map_shape(built
         assert text in out
     if builtin.test["vs_none"] is None:
         assert "vs none        not measured" in out
+    other = (2, 9, 9) if builtin.pattern.kind == "conv" else (9, 5)
     code, _, _ = run(capsys, "patterns", "show", builtin.ref, "--png", str(png), "--shape",
-                     "2,9,9")
-    assert code == 0 and shapes[-1] == (2, 9, 9)
+                     ",".join(map(str, other)))
+    assert code == 0 and shapes[-1] == other
     code, out, _ = run(capsys, "patterns", "show", f"builtin:{builtin.name}", "--json")
     shown = json.loads(out)
     assert shown["pattern"] == builtin.pattern.to_dict(with_hash=True)
@@ -253,7 +269,7 @@ def test_patterns_show_of_an_unknown_builtin_exits_1(capsys):
 
 # -- write_builtin -----------------------------------------------------------------------------
 def test_write_builtin_round_trips_and_upserts_sorted(tmp_path):
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     entry = {key: value for key, value in shipped.entry().items() if key not in ("file", "hash")}
     written = write_builtin(shipped.pattern, entry, tmp_path)
     assert written == shipped
@@ -268,7 +284,7 @@ def test_write_builtin_round_trips_and_upserts_sorted(tmp_path):
 
 
 def test_a_changed_pattern_needs_a_higher_version(tmp_path):
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     write_builtin(shipped.pattern, shipped.entry(), tmp_path)
     changed = other_pattern(shipped.pattern)
     with pytest.raises(BadInput, match=rf"version must be > {shipped.version}"):
@@ -309,7 +325,7 @@ def _broken(entry, path, value):
 ])
 def test_a_malformed_entry_is_refused_naming_the_field_and_nothing_is_written(tmp_path, path,
                                                                             value, message):
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     entry = _broken(shipped.entry(), path, value)
     with pytest.raises(BadInput, match=message.replace("(", r"\(").replace("[", r"\[")):
         write_builtin(shipped.pattern, entry, tmp_path)
@@ -321,7 +337,7 @@ def test_train_uses_the_builtins_catalog_space_unless_space_is_given(tmp_path, m
                                                                      capsys):
     calls = []
     fake_training(monkeypatch, calls)
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     db = f"sqlite:///{tmp_path / 'store.db'}"
     quick = ["--dataset", "synthetic", "--train-examples", "64", "--seeds", "1", "--db", db,
              "--quiet"]
@@ -340,7 +356,7 @@ def test_train_uses_the_builtins_catalog_space_unless_space_is_given(tmp_path, m
 
 
 def test_train_with_a_builtin_stores_its_results(tmp_path, shared_data_dir, capsys):
-    shipped = builtin_pattern(NAMES[0])
+    shipped = builtin_pattern(WRN)
     db = f"sqlite:///{tmp_path / 'store.db'}"
     assert main(["train", "--dataset", shipped.dataset, "--regularizer", f"builtin:{shipped.name}",
                  "--epochs", "1", "--seeds", "1", "--train-examples", "64", "--data-dir",
