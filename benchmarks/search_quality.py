@@ -47,7 +47,8 @@ with exit status 1 and no rows from it. Each invocation's wall time goes to
 Sizes are our choices (the AutoDropout paper's search budget is far beyond this machine),
 sized for 150 minutes on the 2-core machine that measured the regime study (0.4 CPU-min per
 no-dropout run). The committed run's machine trained 2.7x slower (1.1 CPU-min): its grid
-took 19 minutes and each Fashion-MNIST search 15-18 minutes (0.50-0.56 CPU-hours);
+took 19 minutes, each Fashion-MNIST search 15-18 minutes (0.50-0.56 CPU-hours), the finals
+14 and the PTB task 31, 165.7 minutes in all (5.1 CPU-hours);
 ``benchmarks/reports/search_quality/invocations.jsonl`` has every invocation's wall time.
 ``--quick`` runs the whole pipeline at toy size in a few minutes: its numbers mean nothing.
 """
