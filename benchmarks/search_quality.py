@@ -227,13 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship:
         for task in tasks:
             if task.key in args.tasks and task.key in recorded:
-                ship(task, recorded[task.key], out)
+                ship(task, recorded[task.key], out, args.data_dir)
         return 0
     started = time.perf_counter()
     print(f"search quality{' (quick)' if args.quick else ''}: {', '.join(args.tasks)}; "
           f"results in {out}", flush=True)
     ray = None if args.report_only else start_ray(2)
-    sections, raw = [], {}
+    sections, raw = [], dict(recorded)  # a task not reached yet keeps its record
     try:
         for task in tasks:
             train = task.key in args.tasks and not args.report_only
@@ -294,7 +294,7 @@ def run_task(task: Task, train: bool, out: Path, args: argparse.Namespace,
              recorded: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     """Run the task's missing grid runs, searches and finals (``train``), or only read them;
     its report section and raw results, ``None`` if nothing of it has run."""
-    space_path = derived_space(task, out)
+    space_path = derived_space(task, out) if train else space_file(task, out)
     if train:
         print(f"\n== {task.title}", flush=True)
     runs_path = out / "runs.jsonl"
@@ -335,13 +335,18 @@ def run_task(task: Task, train: bool, out: Path, args: argparse.Namespace,
     return section, raw
 
 
+def space_file(task: Task, out: Path) -> Path:
+    """Where the task's space, with its budget changes, is written in ``--out``."""
+    return out / f"{task.key}-space.yaml"
+
+
 def derived_space(task: Task, out: Path) -> Path:
     """The shipped space with the task's budget changes (none in the full run)."""
     import search_spaces
 
     data = yaml.safe_load(search_spaces.loader.resolve(task.space).read_text())
     data["budget"] = {**data["budget"], **task.budget}
-    path = out / f"{task.key}-space.yaml"
+    path = space_file(task, out)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
 
@@ -421,6 +426,7 @@ def run_one_search(task: Task, controller: str, seed: int, space_path: Path,
         print(f"search {name}: reused from results.json (not in {db})", flush=True)
         return kept[name]
     started = time.perf_counter()
+    wall = earlier_wall(kept, name) if state is not None else 0.0
     if state != SearchState.COMPLETED:
         grace, reduction = task.asha
         fresh = dict(space=str(space_path), controller=controller, name=name, seed=seed,
@@ -433,9 +439,10 @@ def run_one_search(task: Task, controller: str, seed: int, space_path: Path,
             why = result.error or "no trial error"
             raise SystemExit(f"search {name} ended {result.status} ({why}); rerun this "
                              "command to resume it")
-    search = read_search(task, controller, seed, name, db, time.perf_counter() - started)
+        wall += time.perf_counter() - started
+    search = read_search(task, controller, seed, name, db, wall)
     counts = {s: sum(t["status"] == s for t in search.trials)
-              for s in {t["status"] for t in search.trials}}
+              for s in sorted({t["status"] for t in search.trials})}
     shown = "-" if search.best_score is None else f"{search.best_score:.4f}"
     print(f"search {name}: {counts}, best validation {task.metric} {shown}, "
           f"{search.cpu_hours:.3f} CPU-h, {search.wall_seconds / 60:.1f} min wall", flush=True)
@@ -450,7 +457,13 @@ def read_stored_search(task: Task, controller: str, seed: int, space_path: Path,
     db, name = store_url(out), search_name(task, controller, seed)
     if stored_state(db, name) is None:
         return kept.get(name)
-    return read_search(task, controller, seed, name, db, math.nan)
+    return read_search(task, controller, seed, name, db, earlier_wall(kept, name))
+
+
+def earlier_wall(kept: dict[str, Search], name: str) -> float:
+    """The wall seconds ``results.json`` recorded for a search that had run before (NaN if
+    it recorded none), so that reading or resuming a search keeps its earlier time."""
+    return kept[name].wall_seconds if name in kept else math.nan
 
 
 def read_search(task: Task, controller: str, seed: int, name: str, db: str,
@@ -503,7 +516,7 @@ def value_at(curve: list[tuple[float, float]], x: float) -> float:
 def choose_rows(task: Task, grid: list[dict[str, Any]], searches: list[Search], out: Path,
                 patterns: dict[str, str]) -> list[Row]:
     """Each controller's best winner, "none", and each family's best rate by validation
-    (a winner's pattern from the store, else from ``patterns``: JSON by ``pattern:<hash>``)."""
+    (a winner's pattern JSON from ``patterns``, by ``pattern:<hash>``, else from the store)."""
     from patterns_db import PatternStore
     from workers.baselines import parse_regularizer
 
@@ -515,14 +528,17 @@ def choose_rows(task: Task, grid: list[dict[str, Any]], searches: list[Search], 
             print(f"{controller}: no completed trial, no row", flush=True)
             continue
         best = task.best_of(runs, lambda s: s.best_score)
-        ref = f"pattern:{best.best_hash}"
-        if ref not in patterns:
-            with PatternStore(store_url(out)) as store:
-                patterns[ref] = json.dumps(store.resolve(best.best_hash).pattern.to_dict())
         cost = sum(s.cpu_hours for s in searches if s.controller == controller)
-        rows.append(Row(f"{controller} search", ref, best.best_score, cost, patterns[ref]))
+        rows.append(Row(f"{controller} search", f"pattern:{best.best_hash}", best.best_score,
+                        cost))
     if task.finals == "best" and rows:
         rows = [task.best_of(rows, lambda r: r.validation)]
+    for row in rows:  # only the winners that go to the finals need their pattern
+        row.pattern = patterns.get(row.ref)
+        if row.pattern is None:
+            with PatternStore(store_url(out)) as store:
+                pattern = store.resolve(row.ref.removeprefix("pattern:")).pattern
+            row.pattern = json.dumps(pattern.to_dict())
     families: dict[str, dict[str, list[dict]]] = {}
     for run in grid:
         family = parse_regularizer(run["ref"]).family
@@ -567,7 +583,21 @@ def grid_table(task: Task, grid: list[dict[str, Any]]) -> str:
         if runs:
             lines.append(f"| {ref} | {statistics.fmean(r['value'] for r in runs):.4f} | "
                          f"{sum(r['cpu_seconds'] for r in runs) / 60:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + seed_noise(task, grid)
+
+
+def seed_noise(task: Task, grid: list[dict[str, Any]]) -> str:
+    """The grid's seed-to-seed noise: the standard deviation of the difference between seeds
+    0 and 1 of each setting, and one run's (that over the square root of 2)."""
+    values = {(r["ref"], r["seed"]): r["value"] for r in grid}
+    gaps = [values[ref, 0] - values[ref, 1] for ref in task.grid
+            if (ref, 0) in values and (ref, 1) in values]
+    if len(gaps) < 2:
+        return ""
+    spread = statistics.stdev(gaps)
+    return (f"\n\nSeed-to-seed noise: the difference between a setting's seeds 0 and 1 has "
+            f"standard deviation {spread:.4f} over {len(gaps)} settings, so one run's "
+            f"validation {task.metric} varies by about {spread / math.sqrt(2):.4f}.")
 
 
 def search_table(task: Task, searches: list[Search]) -> str:
@@ -693,9 +723,10 @@ def _welch(a: list[float], b: list[float]) -> str:
 
 
 # -- built-in patterns -----------------------------------------------------------------------
-def ship(task: Task, raw: dict[str, Any], out: Path) -> None:
+def ship(task: Task, raw: dict[str, Any], out: Path, data_dir: str | None) -> None:
     """Write the task's best searched row (by validation) as a built-in pattern, with its
     provenance and measured test gains, into ``autodropout/builtin``."""
+    import search_spaces
     from autodropout.builtin import write_builtin
     from autodropout.patterns import Pattern
 
@@ -710,8 +741,10 @@ def ship(task: Task, raw: dict[str, Any], out: Path) -> None:
     none = next((r for r in rows if r.ref == "none"), None)
     search = next(s for s in raw["searches"] if s["best_hash"] == row.ref.split(":", 1)[1])
     pattern = Pattern.from_dict(json.loads(row.pattern))
-    entry = builtin_entry(task, row, best, none, search, out)
+    space = search_spaces.load(space_file(task, out))
+    entry = builtin_entry(task, row, best, none, search, space.budget)
     entry["version"] = next_version(entry["name"], pattern)
+    entry["map_shape"] = first_site_shape(space, pattern, data_dir)
     write_builtin(pattern, entry)
     print(f"shipped builtin:{entry['name']} ({row.ref[:20]})", flush=True)
 
@@ -729,14 +762,35 @@ def next_version(name: str, pattern) -> int:
     return shipped.version + (shipped.hash != pattern.hash)
 
 
+def first_site_shape(space, pattern, data_dir: str | None) -> list[int]:
+    """The map the pattern's first site sees on the model it was found on, (C, H, W) or
+    (T, C), from one eval forward pass on a test example."""
+    import torch
+
+    import autodropout as ad
+    from workers.datasets import load_dataset
+    from workers.training import Budget, build_child, site_selectors
+
+    budget = Budget.from_mapping(space.budget)
+    bundle = load_dataset(budget.dataset, data_dir, download=False)
+    model = build_child(budget, bundle, 0, {}).eval()
+    handle = ad.apply_pattern(model, pattern, site_selectors(pattern, space.site_modules))
+    first = next(module for name, module in model.named_modules()
+                 if handle.assignment.get(name) == 0)
+    seen = []
+    first.register_forward_hook(lambda module, args, out: seen.append(list(out.shape[1:])))
+    example = (bundle.test.images[:1].float() / 255 if bundle.kind == "image"
+               else bundle.test[:budget.context].view(1, budget.context))  # (1, ...) one input
+    with torch.no_grad():
+        model(example)
+    return seen[0]
+
+
 def builtin_entry(task: Task, row: Row, best: Row | None, none: Row | None,
-                  search: dict[str, Any], out: Path) -> dict[str, Any]:
-    """The catalog entry (:mod:`autodropout.builtin.catalog`) of a shipped row: where it was
-    found, and its paired test differences in the metric's units (pattern minus baseline)."""
-    import search_spaces
-
-    budget = search_spaces.load(out / f"{task.key}-space.yaml").budget
-
+                  search: dict[str, Any], budget: dict[str, Any]) -> dict[str, Any]:
+    """The catalog entry (:mod:`autodropout.builtin.catalog`) of a shipped row but its
+    ``version`` and ``map_shape``: where it was found, and its paired test differences in the
+    metric's units (pattern minus baseline)."""
     def gap(other: Row | None) -> dict[str, float] | None:
         if other is None:
             return None
@@ -745,13 +799,12 @@ def builtin_entry(task: Task, row: Row, best: Row | None, none: Row | None,
         return {"mean": mean, "low": low, "high": high}
 
     mean, std = summarize(list(row.test.values()))
-    shapes = {"convnet": [16, 28, 28], "transformer": [budget.get("context", 64), 128]}
     return {
-        "name": f"{budget['model']}-{budget['dataset']}", "version": 1,
+        "name": f"{budget['model']}-{budget['dataset']}", "version": None,
         "summary": f"{row.method} winner, {task.title}",
         "space": task.space, "dataset": budget["dataset"], "model": budget["model"],
         "model_args": {"width": budget["width"]} if "width" in budget else {},
-        "map_shape": shapes[task.space],
+        "map_shape": None,
         "search": {"name": search["name"], "controller": search["controller"],
                    "seed": search["seed"], "trials": len(search["trials"])},
         "validation": {"metric": f"val_{task.metric}", "value": row.validation},
